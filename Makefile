@@ -1,0 +1,22 @@
+# cxrkit developer entry points. `make demo` and `make test` are the README's two set-up commands.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cxrkit-installed
+
+.PHONY: demo test lint bench
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cxr demo $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest $(ARGS)
+
+bench: $(STAMP)
+	@for b in benchmarks/bench_*.py; do $(PY) $$b; done

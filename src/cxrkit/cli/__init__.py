@@ -1,0 +1,1 @@
+"""The ``cxr`` command line."""

@@ -1,0 +1,29 @@
+"""Entry point of the ``cxr`` command."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from cxrkit import __version__
+from cxrkit.cli.data import data
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxrkit")
+@click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """cxrkit: chest X-ray datasets, training, evaluation, explanation and serving.
+
+    Every command that takes --config also takes KEY=VALUE overrides of any config field,
+    e.g. `cxr data prepare -c configs/nih_sample.yaml data.cache.image_size=320`.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
+
+
+cli.add_command(data)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,1 @@
+"""Datasets: adapters to a common manifest, decoding, the preprocessing cache and loaders."""
