@@ -41,13 +41,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not path.exists():
                 raise ConfigError(f"config file not found: {path}")
             config = OmegaConf.merge(config, OmegaConf.load(path))
-        if overrides:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            apply_override(config, override)
         OmegaConf.resolve(config)
     except OmegaConfBaseException as error:
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid config{where}: {error}") from error
     return config
+
+
+def apply_override(config: DictConfig, override: str) -> None:
+    """Set one ``key.sub=value`` (list items by index: ``data.sources.0.root=...``); YAML-style values."""
+    key, separator, text = override.partition("=")
+    if not separator or not key.strip():
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    value = OmegaConf.from_dotlist([f"value={text}"])["value"]
+    OmegaConf.update(config, key.strip(), value, merge=True)
 
 
 def save_config(config: DictConfig, path: str | Path) -> None:

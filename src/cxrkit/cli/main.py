@@ -8,6 +8,8 @@ import click
 
 from cxrkit import __version__
 from cxrkit.cli.data import data
+from cxrkit.cli.demo import demo
+from cxrkit.cli.inference import export, predict, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,6 +25,10 @@ def cli(verbose: bool) -> None:
 
 
 cli.add_command(data)
+cli.add_command(demo)
+cli.add_command(export)
+cli.add_command(predict)
+cli.add_command(serve)
 
 
 def main() -> None:

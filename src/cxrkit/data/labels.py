@@ -99,6 +99,23 @@ _SYNONYMS: dict[str, str] = {
     "dual chamber device": "Electrical Device",
     "single chamber device": "Electrical Device",
     "aortic elongation": "Aortic Elongation",
+    "callus rib fracture": "Fracture",
+    "loculated pleural effusion": "Effusion",
+    "loculated fissural effusion": "Effusion",
+    "atelectasis basal": "Atelectasis",
+    "calcified pleural thickening": "Pleural Thickening",
+    "pleural plaques": "Pleural Thickening",
+    "calcified pleural plaques": "Pleural Thickening",
+    "central venous catheter via umbilical vein": "Tube",
+    "reservoir central venous catheter": "Tube",
+    "catheter": "Tube",
+    "atypical pneumonia": "Pneumonia",
+    "air bronchogram": "Consolidation",
+    "hydropneumothorax": "Pneumothorax",
+    "calcified densities": "Calcification",
+    "calcified adenopathy": "Calcification",
+    "calcified mediastinal adenopathy": "Calcification",
+    "heart valve calcified": "Calcification",
     # OpenI (MeSH-style major terms)
     "pulmonary atelectasis": "Atelectasis",
     "cardiomegaly": "Cardiomegaly",
@@ -108,6 +125,16 @@ _SYNONYMS: dict[str, str] = {
     "lung opacity": "Lung Opacity",
     "granulomatous disease": "Granuloma",
     "calcinosis": "Calcification",
+    "fractures, bone": "Fracture",
+    "hernia, hiatal": "Hernia",
+    "hernia, diaphragmatic": "Hernia",
+    "catheters, indwelling": "Tube",
+    "tube, inserted": "Tube",
+    "airspace disease": "Lung Opacity",
+    "pulmonary congestion": "Edema",
+    "lung diseases, interstitial": "Infiltration",
+    "bullous emphysema": "Emphysema",
+    "hemopneumothorax": "Pneumothorax",
     # Folder datasets (pediatric pneumonia)
     "pneumonia": "Pneumonia",
     "bacterial pneumonia": "Pneumonia",
@@ -136,9 +163,7 @@ def canonical_or_raise(name: str, *, field: str = "label") -> str:
     return label
 
 
-def encode(
-    positives: Iterable[str], annotated: Sequence[str], labels: Sequence[str]
-) -> np.ndarray:
+def encode(positives: Iterable[str], annotated: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     """Multi-hot row over ``labels``: 1 for positives, 0 for annotated-but-absent, NaN when not annotated.
 
     ``positives`` and ``annotated`` must already be canonical. "No Finding" is set to 1 when it is in

@@ -38,13 +38,16 @@ class SchedulerConfig:
 @dataclass
 class StageConfig:
     """One stage of staged fine-tuning: which parameters train (fnmatch patterns on parameter names,
-    ``*`` = all), at what learning rate, for how many epochs, with which loss (None = ``train.loss``)."""
+    ``*`` = all), at what learning rate, for how many epochs, with which loss (None = ``train.loss``).
+    ``freeze_bn_stats`` keeps BatchNorm layers whose parameters are all frozen in eval mode (running statistics
+    unchanged). See :mod:`cxrkit.training.stages`."""
 
     name: str = "all"
     trainable: list[str] = field(default_factory=lambda: ["*"])
     epochs: int = 1
     lr: float | None = None
     loss: LossConfig | None = None
+    freeze_bn_stats: bool = True
 
 
 @dataclass

@@ -1,0 +1,655 @@
+"""The preprocessing cache: every image decoded once, resized, and stored as uint8 in memory-mappable shards.
+
+Training from 1024² PNGs spends most of its time decoding; the cache pays that once. Layout of ``out_dir``::
+
+    cache.json               settings fixed when the cache was created (image_size, resize_policy,
+                             shard_size); a later prepare asking for others raises CacheMismatchError
+    source_manifest.csv      the manifest being cached (+ .labels.json), read by merge_cache
+    shards/shard_00000.npy   uint8 (n, S, S): the rows of shard 0 that decoded, in manifest order
+    shards/shard_00000.json  that shard's record: input hash, cached rows with their geometry, failures
+    manifest.csv             the cached rows: the source manifest plus geometry columns and shard/offset
+    failures.csv             row, path, reason for every file that could not be decoded
+    meta.json                source manifest hash, settings, cxrkit version, per-shard input hashes, time
+
+Shard ``k`` holds source rows ``[k * shard_size, (k + 1) * shard_size)``. A shard's input hash covers the
+paths, sizes and modification times of its files, so a re-run skips finished shards and rebuilds only those
+whose files changed. ``shard=(i, n)`` builds the shards with ``k % n == i`` (one cluster array task each);
+:func:`merge_cache` then checks every shard is present and writes manifest.csv, failures.csv and meta.json.
+
+Resize policies (``S`` = image_size; see :class:`Geometry` for mapping coordinates):
+
+* ``letterbox``: the longer side becomes S, aspect kept, zero padding centres the image on an S x S canvas.
+* ``crop``: the shorter side becomes S, aspect kept, the centre S x S is kept.
+* ``stretch``: both sides become S (aspect not kept).
+
+Resizing is antialiased bilinear (PIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+import cxrkit
+from cxrkit.data.decode import ImageDecodeError, read_image
+from cxrkit.data.manifest import Manifest
+
+RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "crop", "stretch")
+GEOMETRY_COLUMNS: tuple[str, ...] = (
+    "orig_height",
+    "orig_width",
+    "resized_height",
+    "resized_width",
+    "scale_x",
+    "scale_y",
+    "shift_x",
+    "shift_y",
+)
+LOCATION_COLUMNS: tuple[str, ...] = ("shard", "offset")
+_FORMAT_VERSION = 1
+_IMAP_CHUNKSIZE = 4
+_SHARD_FILE = re.compile(r"shard_(?P<index>\d{5})\.(npy|json)")
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache was built with other settings than the ones asked for."""
+
+
+class CacheIncompleteError(RuntimeError):
+    """The cache is missing shards or its final files (merge not done)."""
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an original image sits in its S x S cache image.
+
+    Coordinates are continuous pixel coordinates (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``), as NIH
+    bounding boxes are. A point maps as ``x_cache = x * scale_x + shift_x`` (``y`` likewise): the image is
+    resized to ``resized_width x resized_height`` and its top-left corner placed at ``(shift_x, shift_y)``
+    (positive: zero padding; negative: cropped margin).
+    """
+
+    orig_height: int
+    orig_width: int
+    size: int
+    resized_height: int
+    resized_width: int
+    shift_x: int
+    shift_y: int
+
+    @classmethod
+    def fit(cls, height: int, width: int, size: int, policy: str) -> Geometry:
+        """The geometry of resizing a ``height x width`` image to ``size`` under ``policy``."""
+        if policy == "stretch":
+            return cls(height, width, size, size, size, 0, 0)
+        if policy == "letterbox":
+            factor = size / max(height, width)
+            resized_h, resized_w = max(1, round(height * factor)), max(1, round(width * factor))
+        elif policy == "crop":
+            factor = size / min(height, width)
+            resized_h, resized_w = max(size, round(height * factor)), max(size, round(width * factor))
+        else:
+            raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+        return cls(
+            height, width, size, resized_h, resized_w, (size - resized_w) // 2, (size - resized_h) // 2
+        )
+
+    @classmethod
+    def from_row(cls, row: pd.Series | dict, size: int) -> Geometry:
+        """The geometry stored in a cache manifest row (see :data:`GEOMETRY_COLUMNS`)."""
+        return cls(
+            orig_height=int(row["orig_height"]),
+            orig_width=int(row["orig_width"]),
+            size=size,
+            resized_height=int(row["resized_height"]),
+            resized_width=int(row["resized_width"]),
+            shift_x=int(row["shift_x"]),
+            shift_y=int(row["shift_y"]),
+        )
+
+    @property
+    def scale_x(self) -> float:
+        return self.resized_width / self.orig_width
+
+    @property
+    def scale_y(self) -> float:
+        return self.resized_height / self.orig_height
+
+    def columns(self) -> dict[str, float]:
+        """The values of :data:`GEOMETRY_COLUMNS` for this image."""
+        return {name: getattr(self, name) for name in GEOMETRY_COLUMNS}
+
+    def to_cache_point(self, x: float, y: float) -> tuple[float, float]:
+        return x * self.scale_x + self.shift_x, y * self.scale_y + self.shift_y
+
+    def to_original_point(self, x: float, y: float) -> tuple[float, float]:
+        return (x - self.shift_x) / self.scale_x, (y - self.shift_y) / self.scale_y
+
+    def to_cache_box(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
+        """Map a box ``(x, y, w, h)`` (top-left corner, width, height) from original to cache pixels."""
+        cx, cy = self.to_cache_point(x, y)
+        return cx, cy, w * self.scale_x, h * self.scale_y
+
+    def to_original_box(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
+        """Inverse of :meth:`to_cache_box`; parts outside a cropped image map outside the original."""
+        ox, oy = self.to_original_point(x, y)
+        return ox, oy, w / self.scale_x, h / self.scale_y
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """Resize and pad/crop a uint8 ``(orig_height, orig_width)`` image to ``(size, size)``."""
+        if image.shape != (self.orig_height, self.orig_width):
+            raise ValueError(
+                f"image shape {image.shape} does not match geometry {self.orig_height}x{self.orig_width}"
+            )
+        resized = image
+        if (self.resized_height, self.resized_width) != image.shape:
+            target = (self.resized_width, self.resized_height)
+            resized = np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BILINEAR))
+        canvas = np.zeros((self.size, self.size), dtype=np.uint8)
+        src_x, dst_x, width = _overlap(self.shift_x, self.resized_width, self.size)
+        src_y, dst_y, height = _overlap(self.shift_y, self.resized_height, self.size)
+        canvas[dst_y : dst_y + height, dst_x : dst_x + width] = resized[
+            src_y : src_y + height, src_x : src_x + width
+        ]
+        return canvas
+
+
+def _overlap(shift: int, length: int, size: int) -> tuple[int, int, int]:
+    """Source start, destination start and length of a 1-D segment placed at ``shift`` on ``[0, size)``."""
+    src = max(0, -shift)
+    dst = max(0, shift)
+    return src, dst, min(length - src, size - dst)
+
+
+# ---------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Failure:
+    row: int
+    path: str
+    reason: str
+
+
+@dataclass
+class CacheReport:
+    """What a :func:`prepare_cache` call did. ``n_images``/``failures`` cover the shards it was given."""
+
+    out_dir: Path
+    n_images: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    shards_built: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    merged: bool = False
+    seconds: float = 0.0
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True)
+class _Settings:
+    image_size: int
+    resize_policy: str
+    shard_size: int
+
+    def as_dict(self) -> dict:
+        return {
+            "image_size": self.image_size,
+            "resize_policy": self.resize_policy,
+            "shard_size": self.shard_size,
+        }
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    index: int
+    start: int
+    stop: int
+
+
+def prepare_cache(
+    manifest: Manifest,
+    out_dir: str | os.PathLike,
+    *,
+    image_size: int = 256,
+    resize_policy: str = "letterbox",
+    shard_size: int = 1024,
+    workers: int = 0,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> CacheReport:
+    """Decode, resize and store every image of ``manifest`` under ``out_dir`` (see the module docstring).
+
+    ``workers``: decoding processes (0 = all available cores, 1 = in this process). ``shard=(i, n)``
+    builds only shards ``k % n == i`` and leaves the merge to :func:`merge_cache`; ``None`` builds all and
+    merges. Files that cannot be decoded are skipped and reported. Raises :class:`CacheMismatchError` when
+    ``out_dir`` holds a cache made with another image size, resize policy or shard size.
+    """
+    started = time.perf_counter()
+    settings = _Settings(int(image_size), str(resize_policy), int(shard_size))
+    _check_arguments(manifest, settings, shard)
+    out_dir = Path(out_dir)
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    _claim_settings(out_dir, settings)
+    _write_source_manifest(out_dir, manifest)
+
+    paths = manifest.frame["path"].astype(str).tolist()
+    plans = [
+        p
+        for p in _plan_shards(len(paths), settings.shard_size)
+        if shard is None or p.index % shard[1] == shard[0]
+    ]
+    hashes = {plan.index: _input_hash(paths[plan.start : plan.stop], plan) for plan in plans}
+    pending = [plan for plan in plans if not _shard_is_current(out_dir, plan, hashes[plan.index])]
+    _build_shards(out_dir, paths, pending, hashes, settings, _worker_count(workers), progress)
+
+    report = CacheReport(out_dir=out_dir)
+    report.shards_built = [plan.index for plan in pending]
+    report.shards_skipped = [plan.index for plan in plans if plan not in pending]
+    for plan in plans:
+        record = _read_record(out_dir, plan.index)
+        report.n_images += len(record["rows"])
+        report.failures.extend(Failure(*failure) for failure in record["failures"])
+    if shard is None:
+        merge_cache(out_dir)
+        report.merged = True
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _check_arguments(manifest: Manifest, settings: _Settings, shard: tuple[int, int] | None) -> None:
+    if len(manifest) == 0:
+        raise ValueError("cannot cache an empty manifest")
+    if settings.resize_policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {settings.resize_policy!r}")
+    if settings.image_size < 8:
+        raise ValueError(f"image_size must be at least 8, got {settings.image_size}")
+    if settings.shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {settings.shard_size}")
+    if shard is not None and not (len(shard) == 2 and shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+
+
+def _claim_settings(out_dir: Path, settings: _Settings) -> None:
+    """Record the settings of a new cache, or raise CacheMismatchError when they differ from the existing."""
+    path = out_dir / "cache.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if {k: existing.get(k) for k in settings.as_dict()} != settings.as_dict():
+            raise CacheMismatchError(
+                f"cache {out_dir} was built with {_describe(existing)}, but this call asks for "
+                f"{_describe(settings.as_dict())}; use another directory or delete {out_dir}"
+            )
+        return
+    _write_atomic(path, json.dumps({"format": _FORMAT_VERSION, **settings.as_dict()}, indent=2).encode())
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k}={settings.get(k)!r}" for k in ("image_size", "resize_policy", "shard_size"))
+
+
+def _write_source_manifest(out_dir: Path, manifest: Manifest) -> None:
+    csv_bytes = manifest.frame.to_csv(index=False).encode()
+    target = out_dir / "source_manifest.csv"
+    labels_path = target.with_suffix(".csv.labels.json")
+    labels_bytes = json.dumps(manifest.labels).encode()
+    if _has_bytes(target, csv_bytes) and _has_bytes(labels_path, labels_bytes):
+        return
+    _write_atomic(labels_path, labels_bytes)
+    _write_atomic(target, csv_bytes)
+
+
+def _has_bytes(path: Path, data: bytes) -> bool:
+    return path.exists() and path.read_bytes() == data
+
+
+def _plan_shards(n_rows: int, shard_size: int) -> list[_ShardPlan]:
+    return [
+        _ShardPlan(k, start, min(start + shard_size, n_rows))
+        for k, start in enumerate(range(0, n_rows, shard_size))
+    ]
+
+
+def _input_hash(paths: Sequence[str], plan: _ShardPlan) -> str:
+    """Hash of a shard's row range and each file's path, size and modification time."""
+    digest = hashlib.sha256(f"{plan.start}:{plan.stop}\n".encode())
+    for path in paths:
+        digest.update(f"{path}\0{_file_signature(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_signature(path: str) -> str:
+    try:
+        if "://" in path:
+            filesystem, inner = fsspec.core.url_to_fs(path)
+            info = filesystem.info(inner)
+            stamp = next(
+                (info[k] for k in ("mtime", "LastModified", "last_modified", "ETag", "etag") if k in info), ""
+            )
+            return f"{info.get('size')}:{stamp}"
+        stat = os.stat(path)
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    except (OSError, ValueError):
+        return "missing"
+
+
+def _shard_paths(out_dir: Path, index: int) -> tuple[Path, Path]:
+    stem = out_dir / "shards" / f"shard_{index:05d}"
+    return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+
+def _read_record(out_dir: Path, index: int) -> dict:
+    return json.loads(_shard_paths(out_dir, index)[1].read_text())
+
+
+def _shard_is_current(out_dir: Path, plan: _ShardPlan, input_hash: str) -> bool:
+    array_path, record_path = _shard_paths(out_dir, plan.index)
+    if not (array_path.exists() and record_path.exists()):
+        return False
+    record = json.loads(record_path.read_text())
+    if record.get("input_hash") != input_hash:
+        return False
+    return np.load(array_path, mmap_mode="r").shape[0] == len(record["rows"])
+
+
+def _worker_count(workers: int) -> int:
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = all cores), got {workers}")
+    if workers:
+        return workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------- building shards
+
+
+def _build_shards(
+    out_dir: Path,
+    paths: list[str],
+    pending: list[_ShardPlan],
+    hashes: dict[int, str],
+    settings: _Settings,
+    workers: int,
+    progress: bool,
+) -> None:
+    if not pending:
+        return
+    tasks = (
+        (row, paths[row], settings.image_size, settings.resize_policy)
+        for p in pending
+        for row in range(p.start, p.stop)
+    )
+    total = sum(plan.stop - plan.start for plan in pending)
+    with (
+        _parallel_map(workers) as imap,
+        tqdm(total=total, unit="img", desc="cache", disable=not progress) as bar,
+    ):
+        results = imap(_process_row, tasks)
+        for plan in pending:
+            writer = _ShardWriter(plan, settings.image_size)
+            for _ in range(plan.stop - plan.start):
+                writer.add(*next(results))
+                bar.update()
+            writer.commit(out_dir, hashes[plan.index], settings)
+
+
+@contextlib.contextmanager
+def _parallel_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+    """An ordered, lazy map: the built-in one for one worker, else a process pool's chunked imap.
+
+    Workers are forked where the platform can (no ``if __name__ == "__main__"`` guard needed in scripts).
+    """
+    if workers <= 1:
+        yield map
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield lambda function, items: pool.imap(function, items, chunksize=_IMAP_CHUNKSIZE)
+
+
+def _process_row(task: tuple[int, str, int, str]) -> tuple[int, str, np.ndarray | None, Geometry | None, str]:
+    """Decode and resize one image (runs in a worker); a decoding failure is returned, not raised."""
+    row, path, size, policy = task
+    try:
+        image = read_image(path)
+    except ImageDecodeError as exc:
+        return row, path, None, None, exc.reason
+    geometry = Geometry.fit(image.shape[0], image.shape[1], size, policy)
+    return row, path, geometry.apply(image), geometry, ""
+
+
+class _ShardWriter:
+    """Collects one shard's images in a single buffer and writes it atomically."""
+
+    def __init__(self, plan: _ShardPlan, size: int) -> None:
+        self.plan = plan
+        self.buffer = np.empty((plan.stop - plan.start, size, size), dtype=np.uint8)
+        self.rows: list[list] = []
+        self.failures: list[list] = []
+
+    def add(
+        self, row: int, path: str, image: np.ndarray | None, geometry: Geometry | None, reason: str
+    ) -> None:
+        if image is None or geometry is None:
+            self.failures.append([row, path, reason])
+            return
+        self.buffer[len(self.rows)] = image
+        self.rows.append([row, path, *(geometry.columns()[c] for c in GEOMETRY_COLUMNS)])
+
+    def commit(self, out_dir: Path, input_hash: str, settings: _Settings) -> None:
+        array_path, record_path = _shard_paths(out_dir, self.plan.index)
+        record_path.unlink(missing_ok=True)  # the record marks a finished shard: drop it before the array
+        tmp = array_path.with_name(f"{array_path.stem}.tmp-{os.getpid()}.npy")
+        np.save(tmp, self.buffer[: len(self.rows)])
+        os.replace(tmp, array_path)
+        record = {
+            "index": self.plan.index,
+            "start": self.plan.start,
+            "stop": self.plan.stop,
+            "input_hash": input_hash,
+            **settings.as_dict(),
+            "columns": ["row", "path", *GEOMETRY_COLUMNS],
+            "rows": self.rows,
+            "failures": self.failures,
+        }
+        _write_atomic(record_path, json.dumps(record).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge_cache(out_dir: str | os.PathLike) -> Path:
+    """Check every shard is present and write manifest.csv, failures.csv and meta.json; return out_dir.
+
+    Raises :class:`CacheIncompleteError` naming the missing shards, or when a shard was built from rows that
+    are not those of the source manifest.
+    """
+    out_dir = Path(out_dir)
+    settings_path, source_path = out_dir / "cache.json", out_dir / "source_manifest.csv"
+    if not settings_path.exists() or not source_path.exists():
+        raise CacheIncompleteError(f"{out_dir} is not a cache directory (no cache.json/source_manifest.csv)")
+    settings = json.loads(settings_path.read_text())
+    source = Manifest.load(source_path)
+    plans = _plan_shards(len(source), int(settings["shard_size"]))
+    missing = [p.index for p in plans if not all(path.exists() for path in _shard_paths(out_dir, p.index))]
+    if missing:
+        raise CacheIncompleteError(
+            f"cache {out_dir} is missing {len(missing)} of {len(plans)} shards "
+            f"(indices {_abbreviate(missing)}); run prepare_cache for them "
+            "(shard=(i, n) builds indices k % n == i)"
+        )
+    (out_dir / "meta.json").unlink(missing_ok=True)  # meta.json marks a complete cache: drop it while merging
+    records = [_read_record(out_dir, plan.index) for plan in plans]
+    _check_records(out_dir, records, plans, source)
+    _remove_stale_files(out_dir, len(plans))
+    cached = _cached_manifest(source, records)
+    cached.save(out_dir / "manifest.csv")
+    failures = [failure for record in records for failure in record["failures"]]
+    pd.DataFrame(failures, columns=["row", "path", "reason"]).to_csv(out_dir / "failures.csv", index=False)
+    meta = {
+        "format": _FORMAT_VERSION,
+        "cxrkit_version": cxrkit.__version__,
+        **{k: settings[k] for k in ("image_size", "resize_policy", "shard_size")},
+        "source_manifest_sha256": hashlib.sha256(source_path.read_bytes()).hexdigest(),
+        "n_source_rows": len(source),
+        "n_images": len(cached),
+        "n_failed": len(failures),
+        "labels": source.labels,
+        "shards": [_shard_meta(out_dir, record) for record in records],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    return out_dir
+
+
+def _shard_meta(out_dir: Path, record: dict) -> dict:
+    array_path = _shard_paths(out_dir, record["index"])[0]
+    return {
+        "file": array_path.relative_to(out_dir).as_posix(),
+        "rows": len(record["rows"]),
+        "input_hash": record["input_hash"],
+    }
+
+
+def _abbreviate(indices: list[int], limit: int = 20) -> str:
+    shown = ", ".join(map(str, indices[:limit]))
+    return shown + (f", ... ({len(indices) - limit} more)" if len(indices) > limit else "")
+
+
+def _check_records(out_dir: Path, records: list[dict], plans: list[_ShardPlan], source: Manifest) -> None:
+    paths = source.frame["path"].astype(str).tolist()
+    for record, plan in zip(records, plans, strict=True):
+        entries = [(row, path) for row, path, *_ in record["rows"]] + [
+            (r, p) for r, p, _ in record["failures"]
+        ]
+        same_rows = (record["start"], record["stop"]) == (plan.start, plan.stop)
+        if (
+            not same_rows
+            or any(paths[row] != path for row, path in entries)
+            or len(entries) != plan.stop - plan.start
+        ):
+            raise CacheIncompleteError(
+                f"shard {plan.index} of cache {out_dir} was built from other rows than source_manifest.csv; "
+                "run prepare_cache again with the current manifest"
+            )
+
+
+def _remove_stale_files(out_dir: Path, n_shards: int) -> None:
+    for path in (out_dir / "shards").iterdir():
+        match = _SHARD_FILE.fullmatch(path.name)
+        if (match and int(match["index"]) >= n_shards) or ".tmp-" in path.name:
+            path.unlink(missing_ok=True)
+
+
+def _cached_manifest(source: Manifest, records: list[dict]) -> Manifest:
+    rows = [
+        (record["index"], offset, entry) for record in records for offset, entry in enumerate(record["rows"])
+    ]
+    source_rows = [entry[0] for _, _, entry in rows]
+    frame = source.frame.iloc[source_rows].reset_index(drop=True)
+    geometry = np.array([entry[2:] for _, _, entry in rows], dtype=np.float64).reshape(
+        len(rows), len(GEOMETRY_COLUMNS)
+    )
+    for i, column in enumerate(GEOMETRY_COLUMNS):
+        frame[column] = geometry[:, i] if column.startswith("scale") else geometry[:, i].astype(np.int64)
+    frame["shard"] = np.array([shard for shard, _, _ in rows], dtype=np.int64)
+    frame["offset"] = np.array([offset for _, offset, _ in rows], dtype=np.int64)
+    return Manifest(frame, list(source.labels))
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Cache:
+    """A finished cache: its manifest (with geometry and shard/offset columns) and memory-mapped images."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = Path(out_dir)
+        meta_path = self.out_dir / "meta.json"
+        if not meta_path.exists():
+            raise CacheIncompleteError(
+                f"{self.out_dir} is not a finished cache (no meta.json): run prepare_cache, or merge_cache "
+                "after building every shard"
+            )
+        self.meta: dict = json.loads(meta_path.read_text())
+        self.manifest = Manifest.load(self.out_dir / "manifest.csv")
+        self.image_size = int(self.meta["image_size"])
+        self.resize_policy = str(self.meta["resize_policy"])
+        self._shard_files = [self.out_dir / shard["file"] for shard in self.meta["shards"]]
+        self._shard_of = self.manifest.frame["shard"].to_numpy(dtype=np.int64)
+        self._offset_of = self.manifest.frame["offset"].to_numpy(dtype=np.int64)
+        self._memmaps: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getstate__(self) -> dict:  # memmaps are reopened in each process, never pickled as arrays
+        return {**self.__dict__, "_memmaps": None}
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest.labels)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Label matrix (n_images x n_labels), float32 with NaN for unknown."""
+        return self.manifest.targets
+
+    @property
+    def shards(self) -> list[np.ndarray]:
+        """The shard arrays, memory-mapped read-only, each (n, S, S) uint8."""
+        if self._memmaps is None:
+            self._memmaps = [np.load(path, mmap_mode="r") for path in self._shard_files]
+        return self._memmaps
+
+    def image(self, index: int) -> np.ndarray:
+        """The (S, S) uint8 image of row ``index`` (a read-only view into its shard)."""
+        return self.shards[self._shard_of[index]][self._offset_of[index]]
+
+    def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images of ``indices`` as one new (B, S, S) uint8 array, gathered shard by shard."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), self.image_size, self.image_size), dtype=np.uint8)
+        shard_ids = self._shard_of[indices]
+        for shard_id in np.unique(shard_ids):
+            positions = np.flatnonzero(shard_ids == shard_id)
+            out[positions] = self.shards[shard_id][self._offset_of[indices[positions]]]
+        return out
+
+    def geometry(self, index: int) -> Geometry:
+        """How row ``index``'s original image maps to its cache image."""
+        return Geometry.from_row(self.manifest.frame.iloc[index], self.image_size)
+
+
+def open_cache(out_dir: str | os.PathLike) -> Cache:
+    """Open a finished cache written by :func:`prepare_cache` / :func:`merge_cache`."""
+    return Cache(out_dir)

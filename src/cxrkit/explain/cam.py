@@ -1,0 +1,187 @@
+"""Class activation maps for multi-label chest X-ray classifiers, through pytorch-grad-cam.
+
+>>> result = explain(model, images, targets="topk", k=3, method="gradcam")
+>>> result.heatmaps.shape            # [B, 3, H, W], each map in [0, 1]
+>>> result.targets[0]                # the label indices explained for image 0
+
+Targets are the raw logits (``ClassifierOutputTarget``): each finding is an independent sigmoid output, so
+the gradient of one logit explains that finding alone (no softmax coupling between findings). Every map is
+min-max normalised per image by pytorch-grad-cam, so maps are comparable in shape, not in magnitude; the
+target's probability is returned alongside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pytorch_grad_cam as pgc
+import torch
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
+from cxrkit.models.factory import CXRModel, cam_reshape_transform, cam_target_layer
+
+#: pytorch-grad-cam methods by cxrkit name. All share the (model, target_layers, reshape_transform) signature.
+CAM_METHODS: dict[str, type] = {
+    "gradcam": pgc.GradCAM,
+    "gradcam++": pgc.GradCAMPlusPlus,
+    "hirescam": pgc.HiResCAM,
+    "gradcam-elementwise": pgc.GradCAMElementWise,
+    "xgradcam": pgc.XGradCAM,
+    "layercam": pgc.LayerCAM,
+    "eigencam": pgc.EigenCAM,
+    "eigengradcam": pgc.EigenGradCAM,
+    "scorecam": pgc.ScoreCAM,
+    "ablationcam": pgc.AblationCAM,
+    "shapleycam": pgc.ShapleyCAM,
+    "fullgrad": pgc.FullGrad,
+    "fem": pgc.FEM,
+    "kpca-cam": pgc.KPCA_CAM,
+    "random": pgc.RandomCAM,
+}
+_ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "kpcacam": "kpca-cam",
+                            "gradcamelementwise": "gradcam-elementwise"}
+#: Methods whose maps ignore the target class (class-agnostic principal components of the activations).
+CLASS_AGNOSTIC: frozenset[str] = frozenset({"eigencam", "kpca-cam", "fem", "random"})
+
+Targets = Sequence[int] | Sequence[Sequence[int]] | Tensor | Literal["topk"]
+
+
+@dataclass
+class Explanation:
+    """Heatmaps for ``B`` images and ``n`` targets each, at model-input resolution."""
+
+    heatmaps: Tensor  #: [B, n, H, W] float32 in [0, 1]
+    targets: Tensor  #: [B, n] int64 label index explained by each map
+    probabilities: Tensor  #: [B, n] sigmoid of the explained logit
+    method: str
+    target_layer: str
+
+
+def method_name(method: str) -> str:
+    """Canonical name in :data:`CAM_METHODS` for ``method`` (case, ``-`` and ``_`` are ignored)."""
+    key = method.strip().lower()
+    if key in CAM_METHODS:
+        return key
+    compact = key.replace("-", "").replace("_", "").replace(" ", "")
+    for name in CAM_METHODS:
+        if name.replace("-", "") == compact:
+            return name
+    if compact in _ALIASES:
+        return _ALIASES[compact]
+    raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(CAM_METHODS)}")
+
+
+def resolve_target_layer(model: nn.Module, target_layer: str | nn.Module | None = None) -> nn.Module:
+    """The layer whose activations are explained.
+
+    ``target_layer``: a module, or a dotted module name (``backbone.features.denseblock4``; inside a cxrkit
+    model the ``backbone.`` prefix may be omitted), or None for the per-architecture default of
+    :func:`cxrkit.models.factory.cam_target_layer` (cxrkit models only: other networks must name a layer).
+    """
+    if isinstance(target_layer, nn.Module):
+        return target_layer
+    if isinstance(model, CXRModel):
+        return cam_target_layer(model, target_layer)
+    if target_layer is None:
+        raise ValueError(f"{type(model).__name__} is not a cxrkit model (cxrkit.models.factory.create_model): "
+                         "name its CAM target layer, e.g. target_layer='layer4'")
+    try:
+        return model.get_submodule(target_layer)
+    except AttributeError as error:
+        top = [name for name, _ in model.named_children()]
+        raise ValueError(f"{type(model).__name__} has no module {target_layer!r}; its top-level modules are {top}") \
+            from error
+
+
+def select_targets(logits: Tensor, targets: Targets, k: int = 3) -> Tensor:
+    """Label indices to explain, ``[B, n]``.
+
+    ``targets``: ``"topk"`` (each image's ``k`` highest logits, highest first); a list of indices explained
+    in every image; or a ``[B, n]`` tensor / nested list giving each image its own ``n`` indices.
+    """
+    batch, num_classes = logits.shape
+    if isinstance(targets, str):
+        if targets != "topk":
+            raise ValueError(f"targets must be label indices or 'topk', got {targets!r}")
+        if not 1 <= k <= num_classes:
+            raise ValueError(f"k must be in 1..{num_classes} (the number of outputs), got {k}")
+        return logits.detach().topk(k, dim=1).indices.cpu()
+    chosen = torch.as_tensor(targets, dtype=torch.int64).cpu()
+    if chosen.ndim == 1:
+        chosen = chosen.repeat(batch, 1)
+    if chosen.ndim != 2 or chosen.shape[0] != batch or chosen.shape[1] == 0:
+        raise ValueError(f"targets must be n >= 1 label indices or a [B={batch}, n] table of them, "
+                         f"got shape {tuple(chosen.shape)}")
+    bad = sorted({int(i) for i in chosen.flatten() if not 0 <= int(i) < num_classes})
+    if bad:
+        raise ValueError(f"target label indices {bad} are out of range for a model with {num_classes} outputs")
+    return chosen
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    targets: Targets = "topk",
+    method: str = "gradcam",
+    k: int = 3,
+    target_layer: str | nn.Module | None = None,
+    *,
+    aug_smooth: bool = False,
+    eigen_smooth: bool = False,
+) -> Explanation:
+    """Explain ``images`` (float ``[B, 1, H, W]`` in [0, 1], as the model takes them) with a CAM ``method``.
+
+    ``targets`` is a list of label indices explained in every image, a ``[B, n]`` table of per-image
+    indices, or ``"topk"`` for each image's ``k`` highest logits (see :func:`select_targets`).
+    The whole batch goes through the network once per target slot. ``aug_smooth`` averages over
+    flip/brightness test-time augmentation; ``eigen_smooth`` keeps the first principal component.
+    The model is put in eval mode for the call and restored afterwards.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
+    name = method_name(method)
+    layer = resolve_target_layer(model, target_layer)
+    layer_name = _module_name(model, layer)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images = images.to(device=device, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            logits = model(images)
+        chosen = select_targets(logits, targets, k)
+        probabilities = torch.sigmoid(logits.detach().float().cpu()).gather(1, chosen)
+        cam = _build_cam(name, model, layer, layer_name)
+        try:
+            with torch.enable_grad():
+                maps = [
+                    cam(images, [ClassifierOutputTarget(int(i)) for i in chosen[:, slot]],
+                        aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
+                    for slot in range(chosen.shape[1])
+                ]
+        finally:
+            cam.activations_and_grads.release()
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    heatmaps = torch.from_numpy(np.clip(np.stack(maps, axis=1), 0.0, 1.0).astype(np.float32))
+    return Explanation(heatmaps, chosen, probabilities, name, layer_name)
+
+
+def _build_cam(name: str, model: nn.Module, layer: nn.Module, layer_name: str) -> BaseCAM:
+    reshape = cam_reshape_transform(model, layer_name) if isinstance(model, CXRModel) else None
+    if name == "fullgrad":  # uses every conv/bn bias instead of one layer
+        return pgc.FullGrad(model, [], reshape_transform=reshape)
+    return CAM_METHODS[name](model, [layer], reshape_transform=reshape)
+
+
+def _module_name(model: nn.Module, layer: nn.Module) -> str:
+    name = next((name for name, module in model.named_modules() if module is layer), None)
+    if name is None:
+        raise ValueError(f"CAM target layer {type(layer).__name__} is not a module of the model")
+    return name

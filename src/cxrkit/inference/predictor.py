@@ -1,0 +1,378 @@
+"""Predict findings on chest X-ray files or arrays with a model bundle.
+
+>>> predictor = Predictor.from_bundle("model.cxr")
+>>> results = predictor.predict(["a.png", "b.dcm", array], heatmaps=True)
+>>> results[0].findings, results[0].probabilities["Effusion"], results[1].error
+
+Preprocessing is the training pipeline's own (:class:`~cxrkit.inference.bundle.PreprocessSpec`):
+:func:`cxrkit.data.decode.read_image`, the cache resize (:class:`cxrkit.data.cache.Geometry`) and
+:func:`cxrkit.data.augment.eval_transform`. Images are decoded and preprocessed
+on a thread pool (one thread per core; PIL and the DICOM codecs release the GIL) while the model runs
+batches through ONNX Runtime when the bundle has a graph, else PyTorch. A file that cannot be read
+yields a result with ``error`` set and never stops the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cxrkit.data.cache import Geometry
+from cxrkit.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
+from cxrkit.inference.bundle import Bundle
+from cxrkit.inference.onnx_export import create_session, run_session
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
+BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
+ImageSource = str | os.PathLike | np.ndarray
+#: ``False``: no heatmaps; ``True``: one per positive finding; a list: those labels.
+HeatmapRequest = bool | Sequence[str]
+
+
+@dataclass
+class ImageResult:
+    """The prediction for one input image, or the reason it could not be predicted (``error``)."""
+
+    source: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  #: label → float32 (H, W) in [0, 1]
+    height: int | None = None
+    width: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def ranked(self) -> list[tuple[str, float]]:
+        """(label, probability), most probable first."""
+        return sorted(self.probabilities.items(), key=lambda item: -item[1])
+
+    @property
+    def findings(self) -> list[str]:
+        """Labels at or above their operating threshold, most probable first."""
+        return [label for label, p in self.ranked if p >= self.thresholds[label]]
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-serialisable summary (heatmaps excluded)."""
+        if not self.ok:
+            return {"source": self.source, "error": self.error}
+        return {
+            "source": self.source,
+            "height": self.height,
+            "width": self.width,
+            "findings": self.findings,
+            "probabilities": self.probabilities,
+        }
+
+
+@dataclass
+class PreparedImage:
+    """A decoded image turned into model input, with the geometry that maps it back."""
+
+    source: str
+    cache_image: np.ndarray | None = None  #: uint8 (image_size, image_size), as the training cache holds it
+    geometry: Geometry | None = None
+    image: np.ndarray | None = None  #: the decoded uint8 (H, W) image, kept only on request
+    error: str | None = None
+
+
+class Predictor:
+    """Runs a :class:`~cxrkit.inference.bundle.Bundle` on images (see the module docstring)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        backend: str = "auto",
+        batch_size: int = 16,
+        workers: int | None = None,
+        threads: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        cam_method: str = "gradcam",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.bundle = bundle
+        self.labels = list(bundle.labels)
+        self.thresholds = dict(bundle.thresholds)
+        self.batch_size = batch_size
+        self.workers = workers or os.cpu_count() or 1
+        self.max_pixels = max_pixels
+        self.cam_method = cam_method
+        self.backend = _choose_backend(bundle, backend)
+        self._session = None
+        self._torch_model: torch.nn.Module | None = None
+        if self.backend == "onnx-int8":
+            self._session = create_session(bundle.onnx_int8, threads)  # type: ignore[arg-type]
+        elif self.backend == "onnx":
+            self._session = create_session(bundle.onnx, threads)  # type: ignore[arg-type]
+        else:
+            self._torch_model = bundle.build_model()
+
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, **options: Any) -> Predictor:
+        """Load the bundle at ``path`` (folder or zip); ``options`` go to the constructor."""
+        return cls(Bundle.load(path), **options)
+
+    # ------------------------------------------------------------------ steps
+
+    def decode(self, item: ImageSource) -> np.ndarray:
+        """A path (PNG/JPEG/DICOM...) or an array as the uint8 ``(H, W)`` image convention of read_image."""
+        if isinstance(item, np.ndarray):
+            return array_to_gray(item)
+        return read_image(item, max_pixels=self.max_pixels)
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """The uint8 cache image (resize policy to image_size) of a decoded image, and its geometry."""
+        return self.bundle.preprocess.cache_image(image)
+
+    def prepare(self, item: ImageSource, source: str, keep_image: bool = False) -> PreparedImage:
+        """Decode and preprocess one input; a failure is returned as ``error``, not raised."""
+        try:
+            image = self.decode(item)
+            cache_image, geometry = self.preprocess(image)
+        except (ImageDecodeError, ValueError, OSError) as error:
+            reason = error.reason if isinstance(error, ImageDecodeError) else str(error)
+            return PreparedImage(source, error=reason)
+        return PreparedImage(source, cache_image, geometry, image if keep_image else None)
+
+    def probabilities(self, cache_images: np.ndarray) -> np.ndarray:
+        """Per-label probabilities ``[B, L]`` for uint8 cache images ``[B, S, S]``."""
+        logits = self.logits(cache_images)
+        if self.bundle.activation == "softmax":
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            exp = np.exp(shifted)
+            return exp / exp.sum(axis=1, keepdims=True)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def logits(self, cache_images: np.ndarray) -> np.ndarray:
+        """Raw logits ``[B, L]`` (float64) for uint8 cache images ``[B, S, S]``."""
+        batch = self.bundle.preprocess.model_input(cache_images)
+        if self._session is not None:
+            return run_session(self._session, batch).astype(np.float64)
+        with torch.inference_mode():
+            return self.torch_model(torch.from_numpy(batch)).double().numpy()
+
+    @property
+    def torch_model(self) -> torch.nn.Module:
+        """The PyTorch network (built on first use when inference runs on ONNX; heatmaps need it)."""
+        if self._torch_model is None:
+            self._torch_model = self.bundle.build_model()
+        return self._torch_model
+
+    def explain(self, cache_image: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
+        """Class activation maps (``cam_method``) of one cache image for ``labels``, at model-input size."""
+        from cxrkit.explain.cam import explain
+
+        if not labels:
+            return {}
+        indices = [self.labels.index(label) for label in labels]
+        images = torch.from_numpy(self.bundle.preprocess.model_input(cache_image[None]))
+        explanation = explain(self.torch_model, images, targets=indices, method=self.cam_method)
+        maps = explanation.heatmaps[0].numpy()
+        return {label: maps[slot] for slot, label in enumerate(labels)}
+
+    def heatmap_to_image(
+        self, heatmap: np.ndarray, geometry: Geometry, out_shape: tuple[int, int] | None = None
+    ) -> np.ndarray:
+        """Map a model-input-sized heatmap back onto the decoded image (or a resized ``out_shape`` view).
+
+        Regions the model never saw (cropped margins) get 0.
+        """
+        canvas = self.bundle.preprocess.heatmap_to_cache(heatmap)
+        out_h, out_w = out_shape or (geometry.orig_height, geometry.orig_width)
+        zoom_x, zoom_y = out_w / geometry.orig_width, out_h / geometry.orig_height
+        # output pixel x -> original x / zoom_x -> canvas x * scale_x + shift_x (PIL samples pixel centres)
+        coefficients = (
+            geometry.scale_x / zoom_x,
+            0.0,
+            geometry.shift_x,
+            0.0,
+            geometry.scale_y / zoom_y,
+            geometry.shift_y,
+        )
+        mapped = Image.fromarray(canvas, mode="F").transform(
+            (out_w, out_h), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR
+        )
+        return np.clip(np.asarray(mapped, dtype=np.float32), 0.0, 1.0)
+
+    def heatmap_labels(self, probabilities: dict[str, float], request: HeatmapRequest) -> list[str]:
+        if request is True:
+            return [label for label, p in probabilities.items() if p >= self.thresholds[label]]
+        if request is False:
+            return []
+        unknown = [label for label in request if label not in self.labels]
+        if unknown:
+            raise ValueError(f"unknown labels {unknown}; the model predicts {self.labels}")
+        return list(request)
+
+    # ------------------------------------------------------------------ whole pipeline
+
+    def iter_predict(
+        self, images: Iterable[ImageSource], heatmaps: HeatmapRequest = False, progress: bool = False
+    ) -> Iterator[ImageResult]:
+        """Results in input order, decoding ahead on the thread pool while batches run."""
+        items = list(images)
+        sources = [_describe(item, index) for index, item in enumerate(items)]
+        with (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="cxr-decode") as pool,
+            tqdm(total=len(items), unit="img", desc="predict", disable=not progress) as bar,
+        ):
+            prepared = _ordered_map(pool, self.prepare, zip(items, sources, strict=True), 4 * self.batch_size)
+            while chunk := list(islice(prepared, self.batch_size)):
+                yield from self._predict_chunk(chunk, heatmaps)
+                bar.update(len(chunk))
+
+    def predict(
+        self, images: Iterable[ImageSource], heatmaps: HeatmapRequest = False, progress: bool = False
+    ) -> list[ImageResult]:
+        """One :class:`ImageResult` per input, in order (bad inputs carry ``error``)."""
+        return list(self.iter_predict(images, heatmaps, progress))
+
+    def _predict_chunk(self, chunk: list[PreparedImage], heatmaps: HeatmapRequest) -> Iterator[ImageResult]:
+        good = [item for item in chunk if item.error is None]
+        scores = self.probabilities(np.stack([item.cache_image for item in good])) if good else np.empty((0,))
+        rows = {id(item): row for item, row in zip(good, scores, strict=True)}
+        for item in chunk:
+            if item.error is not None:
+                yield ImageResult(item.source, error=item.error)
+                continue
+            probabilities = {label: float(p) for label, p in zip(self.labels, rows[id(item)], strict=True)}
+            assert item.geometry is not None and item.cache_image is not None
+            maps = self.explain(item.cache_image, self.heatmap_labels(probabilities, heatmaps))
+            yield ImageResult(
+                item.source,
+                probabilities,
+                dict(self.thresholds),
+                {label: self.heatmap_to_image(m, item.geometry) for label, m in maps.items()},
+                item.geometry.orig_height,
+                item.geometry.orig_width,
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _choose_backend(bundle: Bundle, backend: str) -> str:
+    if backend == "auto":
+        return "onnx-int8" if bundle.onnx_int8 else "onnx" if bundle.onnx else "torch"
+    if backend == "onnx" and bundle.onnx is None:
+        raise ValueError(f"bundle {bundle.source} has no ONNX graph (export it with --format onnx)")
+    if backend == "onnx-int8" and bundle.onnx_int8 is None:
+        raise ValueError(f"bundle {bundle.source} has no int8 ONNX graph (export it with --quantize)")
+    return backend
+
+
+def array_to_gray(array: np.ndarray) -> np.ndarray:
+    """An in-memory image as uint8 ``(H, W)``: 2-D uint8 as is, other 2-D dtypes min-max scaled, colour
+    ``(H, W, 3|4)`` uint8 to luma (PIL ``L``, alpha dropped), as read_image treats files."""
+    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"expected an (H, W) or (H, W, 3|4) image array, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("image array holds NaN or infinite values")
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.rint(scaled * 255).astype(np.uint8)
+
+
+def _describe(item: ImageSource, index: int) -> str:
+    return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
+
+
+def _ordered_map(
+    pool: ThreadPoolExecutor, function: Callable[..., PreparedImage], arguments: Iterable[tuple], window: int
+) -> Iterator[PreparedImage]:
+    """``function(*args)`` for each args on ``pool``, in order, with at most ``window`` in flight."""
+    pending: deque[Future[PreparedImage]] = deque()
+    for args in arguments:
+        pending.append(pool.submit(function, *args))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files, folders (searched recursively for image suffixes), glob patterns and CSV files of paths
+    (column ``path``, else the first column; relative paths are relative to the CSV) → image paths, plus
+    ``(input, reason)`` for inputs that name nothing."""
+    paths: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths.extend(found) if found else problems.append((text, "folder holds no PNG/JPEG/DICOM file"))
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            paths.extend(_paths_from_csv(path))
+        elif path.exists():
+            paths.append(text)
+        elif glob.has_magic(text):
+            found = sorted(p for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            paths.extend(found) if found else problems.append((text, "no file matches the pattern"))
+        else:
+            problems.append((text, "no such file or folder"))
+    return paths, problems
+
+
+def _paths_from_csv(path: Path) -> list[str]:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if frame.empty:
+        return []
+    column = "path" if "path" in frame.columns else frame.columns[0]
+    values = [value for value in frame[column] if value]
+    return [
+        value if "://" in value or Path(value).is_absolute() else str(path.parent / value) for value in values
+    ]
+
+
+def heatmap_rgba(heatmap: np.ndarray, colormap: str = "jet", max_alpha: float = 0.85) -> np.ndarray:
+    """A heatmap in [0, 1] as an RGBA uint8 overlay whose opacity grows with the value."""
+    from matplotlib import colormaps
+
+    rgba = colormaps[colormap](np.clip(heatmap, 0.0, 1.0))
+    rgba[..., 3] = max_alpha * np.clip(heatmap, 0.0, 1.0) ** 0.5
+    return np.rint(rgba * 255).astype(np.uint8)
+
+
+def blend_heatmap(image: np.ndarray, heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """The grayscale image with the heatmap overlay composited on it (RGB uint8)."""
+    overlay = heatmap_rgba(heatmap, colormap).astype(np.float32) / 255.0
+    base = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
+    alpha = overlay[..., 3:]
+    return np.rint((base * (1 - alpha) + overlay[..., :3] * alpha) * 255).astype(np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W), (H, W, 3) or (H, W, 4) array as PNG."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()

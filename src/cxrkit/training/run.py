@@ -1,0 +1,407 @@
+"""Run a training: manifest → cache → data module → model → Lightning Trainer, one run directory per run.
+
+Run directory (``config.output_dir``)::
+
+    config.yaml              the resolved config; ``cxr train --resume RUN_DIR`` reloads it
+    labels.json              label order of the network outputs
+    checkpoints/best.ckpt    best epoch by ``train.monitor`` (EMA weights when ``train.ema_decay > 0``)
+    checkpoints/last.ckpt    state at the last epoch boundary: weights, optimiser, scheduler, EMA, callbacks,
+                             loop progress; written atomically (temporary file, fsync, rename)
+    metrics.csv              every logged metric (CSVLogger): train/loss, val/loss, val/auroc_mean,
+                             val/auroc/<label>, train/lr, train/images_per_s, ...
+    training_curves.png      loss and validation AUROC per epoch
+    mlflow.json              tracking URI, experiment and run id of the MLflow run (continued on resume)
+    test_metrics_<ckpt>.json written by ``cxr test``
+
+MLflow tracks to ``train.tracking_uri`` or, by default, the SQLite store ``<output_dir>/../mlruns/mlflow.db``
+(``runs/mlruns`` for the default ``output_dir: runs/<name>``); browse it with
+``mlflow ui --backend-store-uri sqlite:///runs/mlruns/mlflow.db``. ``train.loggers`` may also list
+``tensorboard`` (needs the tensorboard package) and ``wandb`` (needs wandb).
+
+Reproducibility: ``seed`` seeds weight initialisation; every training epoch re-seeds all generators from
+``(seed, epoch, rank)`` (:class:`~cxrkit.training.callbacks.EpochSeed`), and ``train.deterministic`` turns on
+deterministic algorithms (on GPU, ops without a deterministic kernel only warn). The same config and seed give
+the same metrics on CPU; ``--resume`` continues from ``last.ckpt`` with the same weights, optimiser, scheduler,
+stage, epoch, data order and augmentation as if the run had not stopped. ``precision: auto`` is ``bf16-mixed``
+on GPUs that support it (``16-mixed`` on older ones) and 32-bit on CPU.
+
+Multi-GPU and multi-node training use Lightning DDP (``train.devices``, ``train.num_nodes``,
+``train.strategy``):
+
+* one node, several GPUs: ``cxr train -c cfg.yaml train.devices=4 train.strategy=ddp`` (Lightning starts the
+  other processes itself);
+* torchrun: ``torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500
+  $(which cxr) train -c cfg.yaml train.devices=4 train.num_nodes=2 train.strategy=ddp``;
+* SLURM (Lightning reads the SLURM environment): ``#SBATCH --nodes=2 --ntasks-per-node=4 --gres=gpu:4`` then
+  ``srun cxr train -c cfg.yaml train.devices=4 train.num_nodes=2 train.strategy=ddp``.
+
+With torchrun or SLURM every process starts at once, so prepare the cache first (``cxr data prepare -c
+cfg.yaml``): only rank 0 builds it, the other ranks read the existing one. ``train.devices``/batch size are per
+process; the effective batch is ``batch_size × devices × num_nodes × accumulate_grad_batches``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from cxrkit.config import load_config, save_config, to_container
+from cxrkit.training.callbacks import (
+    BEST_NAME,
+    CHECKPOINT_DIR,
+    LAST_NAME,
+    AtomicCheckpointIO,
+    build_callbacks,
+)
+from cxrkit.training.module import CHECKPOINT_METADATA_KEY, CXRClassifier
+from cxrkit.training.plots import plot_training_curves
+from cxrkit.training.stages import resolve_stages, total_epochs
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+LABELS_FILE = "labels.json"
+METRICS_FILE = "metrics.csv"
+CURVES_FILE = "training_curves.png"
+MLFLOW_FILE = "mlflow.json"
+LOGGERS: tuple[str, ...] = ("csv", "mlflow", "tensorboard", "wandb")
+
+ModelFactory = Callable[[int], nn.Module]
+
+
+# ---- entry points ------------------------------------------------------------------------------------------
+def train(config: DictConfig, resume: str | Path | None = None) -> Path:
+    """Train from ``config`` (or continue the run in ``resume``, reloading its saved config); return run_dir."""
+    if resume is not None:
+        run_dir = Path(resume)
+        config = load_run_config(run_dir)
+    else:
+        run_dir = Path(config.output_dir)
+    datamodule = build_datamodule(config)
+    return fit(config, datamodule, model_factory(config), run_dir, resume=resume is not None)
+
+
+def fit(
+    config: DictConfig,
+    datamodule: LightningDataModule,
+    build_model: ModelFactory,
+    run_dir: str | Path,
+    resume: bool = False,
+) -> Path:
+    """Train ``build_model(num_labels)`` on ``datamodule`` into ``run_dir``; continue from last.ckpt if ``resume``.
+
+    ``datamodule`` yields ``(images [B,1,H,W] in [0,1], targets [B,L] with NaN = unknown)`` and exposes
+    ``labels`` and ``train_label_frequencies()`` (positive fraction per label among known training targets).
+    """
+    run_dir = Path(run_dir)
+    last = run_dir / CHECKPOINT_DIR / f"{LAST_NAME}.ckpt"
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"cannot resume {run_dir}: {last} does not exist")
+        _truncate_metrics(run_dir / METRICS_FILE, torch.load(last, map_location="cpu", weights_only=False)["epoch"])
+    elif last.exists():
+        raise FileExistsError(f"{run_dir} already holds a trained run ({last}); continue it with "
+                              f"`cxr train --resume {run_dir}` or set another output_dir")
+    else:
+        _start_fresh(run_dir)
+
+    seed_everything(int(config.seed), workers=True, verbose=False)
+    _setup_data(datamodule)
+    labels = list(datamodule.labels)
+    frequencies = datamodule.train_label_frequencies() if _needs_frequencies(config.train) else None
+    metadata = {"config": to_container(config)}
+    module = CXRClassifier(build_model(len(labels)), labels, config.train, frequencies, metadata)
+    _write_run_files(config, labels, run_dir)
+
+    validate = float(config.train.limit_val_batches) > 0
+    trainer = build_trainer(config, run_dir, build_loggers(config, run_dir), validate=validate)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=False)
+    _finish(run_dir)
+    return run_dir
+
+
+def test(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
+    """Evaluate ``checkpoints/<checkpoint>.ckpt`` of ``run_dir`` on the test split; return the metrics JSON path."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    return evaluate_checkpoint(config, build_datamodule(config), model_factory(config), run_dir, checkpoint)
+
+
+def evaluate_checkpoint(
+    config: DictConfig,
+    datamodule: LightningDataModule,
+    build_model: ModelFactory,
+    run_dir: str | Path,
+    checkpoint: str = BEST_NAME,
+) -> Path:
+    """Run ``checkpoints/<checkpoint>.ckpt`` on the test split of ``datamodule``; write test_metrics_<ckpt>.json."""
+    run_dir = Path(run_dir)
+    path = checkpoint_path(run_dir, checkpoint)
+    _setup_data(datamodule, stage="test")
+    labels = list(datamodule.labels)
+    saved = json.loads((run_dir / LABELS_FILE).read_text())
+    if labels != saved:
+        raise ValueError(f"the test data labels {labels} differ from the labels the run was trained on {saved}")
+    frequencies = datamodule.train_label_frequencies() if _needs_frequencies(config.train) else None
+    module = CXRClassifier(build_model(len(labels)), labels, config.train, frequencies)
+    trainer = Trainer(**_hardware_args(config.train), logger=False, enable_checkpointing=False,
+                      deterministic=_deterministic(config.train), enable_model_summary=False)
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=str(path), weights_only=False)[0]
+    out = run_dir / f"test_metrics_{checkpoint}.json"
+    if trainer.is_global_zero:
+        payload = {"checkpoint": str(path.relative_to(run_dir)), "tta": bool(config.train.tta),
+                   "metrics": {name: float(value) for name, value in sorted(results.items())}}
+        out.write_text(json.dumps(payload, indent=2))
+        log.info("test metrics written to %s", out)
+    return out
+
+
+# ---- building blocks ---------------------------------------------------------------------------------------
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a cxrkit run directory: {path} is missing")
+    return load_config(path)
+
+
+def checkpoint_path(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
+    """``run_dir/checkpoints/<checkpoint>.ckpt`` (``best`` or ``last``), checked to exist."""
+    if checkpoint not in (BEST_NAME, LAST_NAME):
+        raise ValueError(f"checkpoint must be {BEST_NAME!r} or {LAST_NAME!r}, got {checkpoint!r}")
+    path = Path(run_dir) / CHECKPOINT_DIR / f"{checkpoint}.ckpt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def build_datamodule(config: DictConfig) -> LightningDataModule:
+    """Manifest → cache (rank 0 builds or reuses it) → :class:`cxrkit.data.dataset.CXRDataModule`."""
+    from cxrkit.data.build import build_manifest
+    from cxrkit.data.cache import prepare_cache
+    from cxrkit.data.dataset import CXRDataModule
+
+    cache = config.data.cache
+    if _launch_rank() == 0:
+        prepare_cache(build_manifest(config.data), cache.dir, image_size=cache.image_size,
+                      resize_policy=cache.resize_policy, shard_size=cache.shard_size, workers=cache.workers)
+    return CXRDataModule(config.data, cache.dir, seed=int(config.seed))
+
+
+def model_factory(config: DictConfig) -> ModelFactory:
+    from cxrkit.models.factory import create_model
+
+    return lambda num_labels: create_model(config.model, num_labels)
+
+
+def build_loggers(config: DictConfig, run_dir: Path) -> list[Logger]:
+    """CSV (always, ``metrics.csv``) plus the others named in ``train.loggers``."""
+    unknown = set(config.train.loggers) - set(LOGGERS)
+    if unknown:
+        raise ValueError(f"train.loggers has unknown entries {sorted(unknown)}; choose from {list(LOGGERS)}")
+    loggers: list[Logger] = [RunCSVLogger(run_dir)]
+    if "mlflow" in config.train.loggers:
+        loggers.append(_mlflow_logger(config, run_dir))
+    if "tensorboard" in config.train.loggers:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=""))
+    if "wandb" in config.train.loggers:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(name=config.name, save_dir=str(run_dir), project="cxrkit"))
+    for logger in loggers:
+        logger.log_hyperparams(to_container(config))
+    return loggers
+
+
+def build_trainer(config: DictConfig, run_dir: Path, loggers: list[Logger], validate: bool = True) -> Trainer:
+    train_cfg = config.train
+    return Trainer(
+        **_hardware_args(train_cfg),
+        max_epochs=total_epochs(resolve_stages(train_cfg)),
+        accumulate_grad_batches=int(train_cfg.accumulate_grad_batches),
+        gradient_clip_val=float(train_cfg.gradient_clip_val) or None,
+        deterministic=_deterministic(train_cfg),
+        limit_train_batches=_limit(train_cfg.limit_train_batches),
+        limit_val_batches=_limit(train_cfg.limit_val_batches),
+        log_every_n_steps=int(train_cfg.log_every_n_steps),
+        logger=loggers,
+        callbacks=build_callbacks(train_cfg, run_dir, int(config.seed), validate),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=run_dir,
+        enable_model_summary=True,
+    )
+
+
+@dataclass
+class TrainedModel:
+    """A trained network ready for inference, with what is needed to interpret its outputs."""
+
+    model: nn.Module
+    labels: list[str]
+    activation: str
+    config: DictConfig
+
+
+def load_trained_model(run_dir: str | Path, checkpoint: str = BEST_NAME) -> TrainedModel:
+    """The network of ``run_dir`` with the weights of ``checkpoints/<checkpoint>.ckpt`` (EMA ones when used)."""
+    from cxrkit.models.factory import create_model
+
+    path = checkpoint_path(run_dir, checkpoint)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    metadata = state[CHECKPOINT_METADATA_KEY]
+    config = OmegaConf.create(metadata["config"])
+    model = create_model(config.model, len(metadata["labels"]))
+    weights = {name[len("model."):]: value for name, value in state["state_dict"].items()
+               if name.startswith("model.")}
+    model.load_state_dict(weights)
+    return TrainedModel(model.eval(), list(metadata["labels"]), metadata["activation"], config)
+
+
+# ---- loggers -----------------------------------------------------------------------------------------------
+class _AppendingWriter(ExperimentWriter):
+    """CSV writer that keeps an existing metrics.csv (resume) instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            self.metrics_keys = list(pd.read_csv(self.metrics_file_path, nrows=0).columns)
+
+
+class RunCSVLogger(CSVLogger):
+    """``run_dir/metrics.csv``, appended to on resume."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(save_dir=run_dir, name="", version="")
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def _mlflow_logger(config: DictConfig, run_dir: Path) -> MLFlowLogger:
+    record_path = run_dir / MLFLOW_FILE
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    uri = record.get("tracking_uri") or config.train.tracking_uri or _default_tracking_uri(run_dir)
+    logger = MLFlowLogger(experiment_name=config.name, run_name=run_dir.name, tracking_uri=uri,
+                          run_id=record.get("run_id"))
+    if rank_zero_only.rank == 0:
+        record = {"tracking_uri": uri, "experiment_id": logger.experiment_id, "run_id": logger.run_id}
+        record_path.write_text(json.dumps(record, indent=2))
+    return logger
+
+
+def _default_tracking_uri(run_dir: Path) -> str:
+    store = run_dir.resolve().parent / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+def _hardware_args(train_cfg: Any) -> dict[str, Any]:
+    accelerator = train_cfg.accelerator
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = train_cfg.precision
+    if precision == "auto":
+        precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if on_gpu else "32-true"
+    return {
+        "accelerator": accelerator,
+        "devices": _devices(train_cfg.devices),
+        "num_nodes": int(train_cfg.num_nodes),
+        "strategy": _strategy(train_cfg),
+        "precision": precision,
+    }
+
+
+def _devices(devices: str) -> int | str | list[int]:
+    """``auto``, a count (``2``) or a comma-separated list of device indices (``0,2``)."""
+    text = str(devices).strip()
+    if text.isdigit() or text == "-1":
+        return int(text)
+    if "," in text:
+        return [int(index) for index in text.split(",") if index.strip()]
+    return text
+
+
+def _strategy(train_cfg: Any) -> str:
+    """DDP must look for unused parameters when a stage freezes part of the network."""
+    strategy = str(train_cfg.strategy)
+    freezes = any(tuple(stage.trainable) != ("*",) for stage in resolve_stages(train_cfg))
+    if freezes and strategy in ("ddp", "ddp_spawn"):
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
+def _deterministic(train_cfg: Any) -> bool | str:
+    if not train_cfg.deterministic:
+        return False
+    return "warn" if torch.cuda.is_available() and train_cfg.accelerator != "cpu" else True
+
+
+def _limit(value: float) -> float | int:
+    """Lightning reads a float as a fraction of the batches and an int as a number of batches."""
+    value = float(value)
+    return int(value) if value > 1 else value
+
+
+def _needs_frequencies(train_cfg: Any) -> bool:
+    return any(stage.loss.name == "weighted_bce" for stage in resolve_stages(train_cfg))
+
+
+def _setup_data(datamodule: LightningDataModule, stage: str = "fit") -> None:
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+
+
+def _launch_rank() -> int:
+    """Global rank from the launcher's environment (torchrun, SLURM, Lightning's own DDP launcher); 0 if none."""
+    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 0
+
+
+@rank_zero_only
+def _start_fresh(run_dir: Path) -> None:
+    """Remove the logs of an earlier attempt that never reached its first checkpoint."""
+    for name in (METRICS_FILE, CURVES_FILE, MLFLOW_FILE, "hparams.yaml"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+@rank_zero_only
+def _write_run_files(config: DictConfig, labels: list[str], run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    (run_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
+
+
+@rank_zero_only
+def _truncate_metrics(metrics_csv: Path, resume_epoch: int) -> None:
+    """Drop rows of epochs at or after ``resume_epoch`` (logged by the interrupted run after its checkpoint)."""
+    if not metrics_csv.exists():
+        return
+    frame = pd.read_csv(metrics_csv)
+    frame[frame["epoch"] < resume_epoch].to_csv(metrics_csv, index=False)
+
+
+@rank_zero_only
+def _finish(run_dir: Path) -> None:
+    if (run_dir / METRICS_FILE).exists():
+        plot_training_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
+    log.info("run finished: %s", run_dir)

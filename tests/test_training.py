@@ -1,0 +1,311 @@
+"""Training end to end on synthetic data: run-directory artefacts, staged fine-tuning, determinism, EMA, test.
+
+The synthetic data module follows the contract of :class:`cxrkit.data.dataset.CXRDataModule` (batches of
+``(images [B,1,S,S] in [0,1], targets [B,L] with NaN)``, per-epoch seeded shuffle, augmentation in
+``on_after_batch_transfer``) so the trainer is tested without the image cache; ``test_resume.py`` and
+``test_ddp.py`` import it from here for their subprocess scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from cxrkit.config import load_config
+from cxrkit.training import run
+from cxrkit.training.callbacks import monitor_mode
+from cxrkit.training.module import CXRClassifier, MaskedMultilabelAUROC, mean_over_findings, tta_views
+from cxrkit.training.stages import StagedLRLambda, apply_stage, resolve_stages, stage_at
+
+LABELS = ["Effusion", "Nodule", "Pneumothorax", "No Finding"]
+IMAGE_SIZE = 16
+
+
+# ---- synthetic data and network ------------------------------------------------------------------------------
+def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose quadrant k is brighter when finding k is present; some targets unknown (NaN)."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = (torch.rand(n, 3, generator=generator) < 0.4).float()
+    images = 0.3 * torch.rand(n, 1, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    half = IMAGE_SIZE // 2
+    for k, (y, x) in enumerate([(0, 0), (0, half), (half, 0)]):
+        images[:, 0, y : y + half, x : x + half] += 0.5 * targets[:, k, None, None]
+    no_finding = (targets.sum(dim=1, keepdim=True) == 0).float()
+    targets = torch.cat([targets, no_finding], dim=1)
+    unknown = torch.rand(n, 4, generator=generator) < 0.1
+    return images.clamp(0, 1), targets.masked_fill(unknown, float("nan"))
+
+
+class EpochShuffle(Sampler[int]):
+    """Permutation drawn from (seed, epoch): Lightning calls ``set_epoch`` before each epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SyntheticDataModule(LightningDataModule):
+    def __init__(self, n_train: int = 64, n_val: int = 32, n_test: int = 32, batch_size: int = 16, seed: int = 0):
+        super().__init__()
+        self.labels = list(LABELS)
+        self.batch_size, self.seed = batch_size, seed
+        self.splits = {"train": synthetic_split(n_train, 1), "val": synthetic_split(n_val, 2),
+                       "test": synthetic_split(n_test, 3)}
+
+    def train_label_frequencies(self) -> np.ndarray:
+        targets = self.splits["train"][1].numpy()
+        return np.nanmean(targets, axis=0)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TensorDataset(*self.splits["train"])
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffle(len(dataset), self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.splits["val"]), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.splits["test"]), batch_size=self.batch_size)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, targets = batch
+        if self.trainer is not None and self.trainer.training:  # random noise + brightness, global RNG
+            images = images + 0.05 * torch.randn_like(images) + 0.05 * (torch.rand(len(images), 1, 1, 1) - 0.5)
+        return images.clamp(0, 1), targets
+
+
+class TinyNet(nn.Module):
+    """A small CNN with the parameter naming of the model factory (``backbone.*``, ``head.*``)."""
+
+    def __init__(self, num_labels: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential()
+        self.backbone.add_module("stem", nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+        self.backbone.add_module("layer1", nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2),
+                                                         nn.BatchNorm2d(8), nn.ReLU()))
+        self.backbone.add_module("layer2", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(32, num_labels))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    base = [f"output_dir={tmp_path / 'run'}", "name=synthetic", "seed=7", "train.max_epochs=2",
+            "train.loggers=[csv]", "train.accelerator=cpu", "train.devices=1", "train.log_every_n_steps=1",
+            "train.optimizer.lr=0.01", "train.scheduler.name=cosine"]
+    return load_config(None, [*base, *overrides])
+
+
+def fit_synthetic(config, run_dir: Path | None = None, resume: bool = False, **data_kwargs) -> Path:
+    return run.fit(config, SyntheticDataModule(seed=int(config.seed), **data_kwargs), TinyNet,
+                   run_dir or Path(config.output_dir), resume=resume)
+
+
+def epoch_table(run_dir: Path) -> pd.DataFrame:
+    """Per-epoch metrics of a run, without the wall-clock throughput."""
+    frame = pd.read_csv(run_dir / "metrics.csv").drop(columns=["train/images_per_s"], errors="ignore")
+    return frame.reset_index(drop=True)
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_training_writes_every_run_artefact(tmp_path):
+    config = tiny_config(tmp_path, "train.max_epochs=3", "train.loss.name=weighted_bce")
+    run_dir = fit_synthetic(config)
+
+    for name in ("config.yaml", "labels.json", "metrics.csv", "training_curves.png", "checkpoints/best.ckpt",
+                 "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "labels.json").read_text()) == LABELS
+    assert load_config(run_dir / "config.yaml").train.loss.name == "weighted_bce"
+    assert not list((run_dir / "checkpoints").glob(".*tmp*")), "temporary checkpoint files left behind"
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    epochs = metrics.dropna(subset=["val/auroc_mean"])
+    assert epochs["epoch"].tolist() == [0, 1, 2]
+    for label in LABELS:
+        assert epochs[f"val/auroc/{label}"].between(0, 1).all()
+    assert epochs["val/auroc_mean"].iloc[-1] > 0.75, "the synthetic signal should be learnt"
+    assert metrics["train/images_per_s"].dropna().gt(0).all()
+
+    last = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    assert last["epoch"] == 3 and last["cxrkit"]["labels"] == LABELS  # saved after the last epoch
+    best = torch.load(run_dir / "checkpoints/best.ckpt", weights_only=False)
+    best_epoch = int(epochs.loc[epochs["val/auroc_mean"].idxmax(), "epoch"])
+    assert best["epoch"] == best_epoch
+
+    out = run.evaluate_checkpoint(config, SyntheticDataModule(seed=7), TinyNet, run_dir, "best")
+    payload = json.loads(out.read_text())
+    assert payload["checkpoint"] == "checkpoints/best.ckpt"
+    assert 0.75 < payload["metrics"]["test/auroc_mean"] <= 1
+    assert {f"test/auroc/{label}" for label in LABELS} <= set(payload["metrics"])
+
+
+@pytest.mark.slow
+def test_same_seed_gives_same_metrics(tmp_path):
+    first = fit_synthetic(tiny_config(tmp_path / "a", "train.max_epochs=2"))
+    second = fit_synthetic(tiny_config(tmp_path / "b", "train.max_epochs=2"))
+    pd.testing.assert_frame_equal(epoch_table(first), epoch_table(second))
+    other_seed = fit_synthetic(tiny_config(tmp_path / "c", "train.max_epochs=2", "seed=8"))
+    assert not epoch_table(first)["train/loss_step"].equals(epoch_table(other_seed)["train/loss_step"])
+
+
+def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_staged_fine_tuning_freezes_and_switches(tmp_path):
+    stages = ('train.stages=[{name: head, trainable: ["head.*"], epochs: 1, lr: 0.05},'
+              '{name: layer2, trainable: ["backbone.layer2.*", "head.*"], epochs: 1, lr: 0.01,'
+              ' loss: {name: focal, gamma: 2.0}}]')
+    config = tiny_config(tmp_path, stages, "train.scheduler.name=none", "train.max_epochs=99")
+    snapshots = {}
+
+    def build(num_labels):
+        model = TinyNet(num_labels)
+        snapshots["init"] = _parameters(model)
+        return model
+
+    run_dir = run.fit(config, SyntheticDataModule(seed=7), build, config.output_dir)
+    ckpt = torch.load(Path(run_dir) / "checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 2, "total epochs = sum of stage epochs (max_epochs ignored)"
+    final = {name[len("model."):]: value for name, value in ckpt["state_dict"].items()}
+    init = snapshots["init"]
+    # stem and layer1 never train (weights and BatchNorm statistics frozen); layer2 trains in stage 2 only
+    for name in init:
+        if name.startswith(("backbone.stem", "backbone.layer1")):
+            assert torch.equal(init[name], final[name]), f"{name} changed although frozen"
+    assert not torch.equal(init["head.1.weight"], final["head.1.weight"])
+    assert not torch.equal(init["backbone.layer2.0.weight"], final["backbone.layer2.0.weight"])
+    assert ckpt["cxrkit"]["stage_index"] == 1
+
+    metrics = pd.read_csv(Path(run_dir) / "metrics.csv")
+    lrs = metrics.dropna(subset=["train/lr"]).groupby("epoch")["train/lr"].unique()
+    assert [np.round(v, 6).tolist() for v in lrs] == [[0.05], [0.01]]
+    assert metrics.dropna(subset=["train/stage"])["train/stage"].tolist() == [0.0, 1.0]
+
+
+def test_stage_patterns_express_resnet_schedules():
+    timm = pytest.importorskip("timm")
+
+    class Wrapped(nn.Module):
+        def __init__(self, arch: str) -> None:
+            super().__init__()
+            self.backbone = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=1)
+            self.head = nn.Linear(self.backbone.num_features, 14)
+
+    resnet18 = Wrapped("resnet18")
+    config = load_config(None, ['train.stages=[{name: layer4, trainable: ["backbone.layer4.*", "head.*"]}]'])
+    apply_stage(resnet18, resolve_stages(config.train)[0])
+    trainable = {name.split(".")[1] for name, p in resnet18.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "weight", "bias"}  # layer4.* and head.weight / head.bias
+    assert not any(p.requires_grad for n, p in resnet18.named_parameters() if n.startswith("backbone.layer3"))
+
+    resnet50 = Wrapped("resnet50")
+    five = ('train.stages=[{trainable: ["head.*"], epochs: 2}, {trainable: ["backbone.layer4.*", "head.*"]},'
+            '{trainable: ["backbone.layer[34].*", "head.*"]}, {trainable: ["backbone.layer[234].*", "head.*"]},'
+            '{trainable: ["*"], epochs: 3}]')
+    stages = resolve_stages(load_config(None, [five]).train)
+    assert [s.start_epoch for s in stages] == [0, 2, 3, 4, 5] and stages[-1].end_epoch == 8
+    counts = []
+    for epoch in range(8):
+        trainable, frozen = apply_stage(resnet50, stage_at(stages, epoch))
+        counts.append(trainable)
+    assert counts[0] == counts[1] < counts[2] < counts[3] < counts[4] < counts[5] == counts[7]
+    assert counts[5] == sum(p.numel() for p in resnet50.parameters())
+
+    with pytest.raises(ValueError, match="matches no parameter"):
+        apply_stage(resnet50, resolve_stages(load_config(None, ['train.stages=[{trainable: ["layer4.*"]}]'])
+                                             .train)[0])
+
+
+def test_cosine_and_onecycle_schedules_restart_per_stage():
+    cosine = StagedLRLambda("cosine", 1.0, [1.0, 0.1], [10, 10], [2, 2], min_lr=0.0)
+    values = [cosine(step) for step in range(20)]
+    assert values[0] < values[1] < values[2] == pytest.approx(1.0)
+    assert values[9] < 0.05 and values[12] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[2:10], values[3:10], strict=False))
+    onecycle = StagedLRLambda("onecycle", 1.0, [1.0], [100], [0])
+    curve = [onecycle(step) for step in range(100)]
+    assert curve[0] == pytest.approx(1 / 25) and max(curve) == pytest.approx(1.0, rel=1e-3)
+    assert curve[-1] < 1e-3 and int(np.argmax(curve)) == 30
+
+
+def test_masked_auroc_skips_labels_without_both_classes():
+    metric = MaskedMultilabelAUROC(["A", "B", "No Finding"])
+    probs = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.4, 0.8], [0.8, 0.3, 0.2], [0.1, 0.2, 0.9]])
+    nan = float("nan")
+    targets = torch.tensor([[1, 1, 0], [0, 1, 1], [1, nan, 0], [nan, 1, 1]])
+    metric.update(probs, targets)
+    aurocs = metric.compute()
+    assert set(aurocs) == {"A", "No Finding"}  # B has only positives among its known targets
+    assert aurocs["A"] == pytest.approx(1.0)
+    assert mean_over_findings(aurocs) == pytest.approx(1.0)  # No Finding left out of the mean
+    assert math.isnan(float(mean_over_findings({})))
+
+
+def test_tta_views_are_deterministic_crops_without_flips():
+    images = torch.arange(100.0).reshape(1, 1, 10, 10)
+    views = tta_views(images)
+    assert len(views) == 6 and all(v.shape == images.shape for v in views)
+    assert torch.equal(views[0], images)
+    flipped = images.flip(-1)
+    assert not any(torch.allclose(v, flipped) for v in views)
+    assert torch.equal(tta_views(images)[3], views[3])
+
+
+def test_monitor_mode():
+    assert monitor_mode("val/loss") == "min" and monitor_mode("val/auroc_mean") == "max"
+
+
+def test_module_rejects_bad_settings():
+    config = load_config(None, ["train.optimizer.name=lamb"])
+    module = CXRClassifier(TinyNet(4), LABELS, config.train)
+    from cxrkit.training.module import build_optimizer
+
+    with pytest.raises(ValueError, match="train.optimizer.name"):
+        build_optimizer(config.train.optimizer, module.model)
+    with pytest.raises(ValueError, match="train.scheduler.name"):
+        CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.scheduler.name=step"]).train)
+    mixed = 'train.stages=[{loss: {name: ce}}, {loss: {name: bce}}]'
+    with pytest.raises(ValueError, match="mix"):
+        CXRClassifier(TinyNet(4), LABELS, load_config(None, [mixed]).train)
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_and_checkpointed(tmp_path):
+    config = tiny_config(tmp_path, "train.ema_decay=0.9", "train.max_epochs=2")
+    run_dir = fit_synthetic(config)
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    assert "current_model_state" in ckpt and "averaging_state" in ckpt
+    ema = ckpt["state_dict"]["model.head.1.weight"]
+    current = ckpt["current_model_state"]["model.head.1.weight"]
+    assert not torch.equal(ema, current), "state_dict should hold the EMA weights, not the raw ones"
+
+
+@pytest.mark.slow
+def test_fresh_run_refuses_a_finished_run_dir(tmp_path):
+    config = tiny_config(tmp_path, "train.max_epochs=1", "train.limit_val_batches=1")
+    fit_synthetic(config)
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit_synthetic(config)
