@@ -376,6 +376,8 @@ def test_folder_pneumonia(pneumonia_root: Path):
     )
     assert by_file["IM-0115-0001.jpeg"] == "pneumonia:IM-0115"
     assert frame["patient_id"].nunique() < len(frame)  # several images per patient exist
+    split_folder = get("folder")(str(pneumonia_root / "train")).frame  # root is itself a split folder
+    assert split_folder["patient_id"].equals(frame["patient_id"]) and (split_folder["split"] == "train").all()
     labels = pd.read_csv(pneumonia_root / "labels.csv")
     assert labels["label"].value_counts().to_dict() == {"PNEUMONIA": 3_850, "NORMAL": 1_340}
 
@@ -464,7 +466,7 @@ def test_huggingface_imagefolder_keeps_original_files(pneumonia_files: list[Path
     assert (frame["Pneumonia"] == frame["path"].str.contains("/PNEUMONIA/")).all()
 
 
-def test_huggingface_parquet_snapshot_layout(pneumonia_files: list[Path], tmp_path: Path):
+def test_huggingface_parquet_snapshot_layout(pneumonia_files: list[Path], tmp_path: Path, monkeypatch):
     """The layout ``download("pneumonia")`` leaves: <config>/<split>/0000.parquet with image bytes."""
     datasets = pytest.importorskip("datasets")
     features = datasets.Features(
@@ -480,11 +482,14 @@ def test_huggingface_parquet_snapshot_layout(pneumonia_files: list[Path], tmp_pa
         (tmp_path / "full" / split).mkdir(parents=True)
         table = datasets.Dataset.from_dict({"image": images, "labels": labels}, features=features)
         table.to_parquet(str(tmp_path / "full" / split / "0000.parquet"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     manifest = get("huggingface")(str(tmp_path / "full"), name="pneumonia", cache_dir=str(tmp_path / "cache"))
     frame = manifest.frame
     assert sorted(frame["split"]) == ["test", "train", "train", "train", "train", "val"]
-    assert all(p.startswith(str(tmp_path / "full" / "_cxrkit_export")) for p in frame["path"])
+    assert all(p.startswith(str(tmp_path / "xdg" / "cxrkit" / "huggingface")) for p in frame["path"])
     assert frame["Pneumonia"].sum() == 3 and frame[vocab.NO_FINDING].sum() == 3
+    again = get("huggingface")(str(tmp_path / "full"), name="pneumonia", cache_dir=str(tmp_path / "cache"))
+    assert again.frame["path"].equals(frame["path"])  # exported once, found again
     assert set(frame["patient_id"]) == {
         "pneumonia:IM-0115",
         "pneumonia:IM-0117",

@@ -94,7 +94,9 @@ def test_multiclass_temperature_reduces_cross_entropy():
     z = rng.normal(0, 1.2, (3000, 3))
     truth = np.array([rng.choice(3, p=np.exp(row) / np.exp(row).sum()) for row in z])
     sharp = np.exp(3 * z) / np.exp(3 * z).sum(axis=1, keepdims=True)
-    pred = Predictions(np.eye(3)[truth], sharp, np.arange(3000).astype(str), ["a", "b", "c"], task="multiclass")
+    pred = Predictions(
+        np.eye(3)[truth], sharp, np.arange(3000).astype(str), ["a", "b", "c"], task="multiclass"
+    )
     scaler = cal.TemperatureScaler.fit(pred.subset(np.arange(1500)))
     held_out = pred.subset(np.arange(1500, 3000))
     scaled = scaler.transform(held_out)

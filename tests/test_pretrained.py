@@ -326,11 +326,8 @@ def xrv_cache(folder: Path, model: torch.nn.Module, legacy: bool = False) -> Pat
     return path
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
-def test_torchxrayvision_densenet_maps_onto_timm(
-    xrv_densenet: torch.nn.Module, tmp_path: Path, legacy: bool
-) -> None:
-    xrv_cache(tmp_path, xrv_densenet, legacy)
+def test_torchxrayvision_densenet_maps_onto_timm(xrv_densenet: torch.nn.Module, tmp_path: Path) -> None:
+    xrv_cache(tmp_path, xrv_densenet)
     model = create_model(
         model_cfg("densenet121", "torchxrayvision", path=str(tmp_path)), num_classes=3
     ).eval()
@@ -344,6 +341,18 @@ def test_torchxrayvision_densenet_maps_onto_timm(
         expected = xrv_densenet.features2(images * 2048 - 1024)  # torchxrayvision's own scaling
         pooled = model.forward_features(images).mean(dim=(2, 3))
     torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torchxrayvision_pickles_of_pre_1_6_torch_are_read(
+    xrv_densenet: torch.nn.Module, tmp_path: Path
+) -> None:
+    """The published weights predate torch's zip format: the legacy format must load the same tensors."""
+    from cxrkit.models.torchxrayvision_weights import read_pickled_model
+
+    state = read_pickled_model(xrv_cache(tmp_path, xrv_densenet, legacy=True))
+    expected = xrv_densenet.state_dict()
+    assert list(state) == list(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_torchxrayvision_without_cached_weights_is_a_clear_error(

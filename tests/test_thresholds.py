@@ -76,8 +76,12 @@ def test_thresholds_are_plain_json_floats_and_round_trip(tmp_path):
 
 
 def test_single_class_validation_label_falls_back_with_a_warning(caplog):
-    pred = Predictions(np.column_stack([Y, np.zeros(6)]), np.column_stack([S, S]), np.array(list("abcdef")),
-                       ["Effusion", "Hernia"])
+    pred = Predictions(
+        np.column_stack([Y, np.zeros(6)]),
+        np.column_stack([S, S]),
+        np.array(list("abcdef")),
+        ["Effusion", "Hernia"],
+    )
     with caplog.at_level(logging.WARNING):
         thresholds = choose_thresholds(pred, "youden", fixed_threshold=0.5)
     assert thresholds == {"Effusion": 0.8, "Hernia": 0.5}

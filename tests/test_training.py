@@ -16,11 +16,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from click.testing import CliRunner
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from cxrkit.cli.main import cli
 from cxrkit.config import load_config
+from cxrkit.models.factory import create_model
 from cxrkit.training import run
 from cxrkit.training.callbacks import monitor_mode
 from cxrkit.training.module import CXRClassifier, MaskedMultilabelAUROC, mean_over_findings, tta_views
@@ -126,7 +131,91 @@ def epoch_table(run_dir: Path) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def make_folder_dataset(root: Path, per_class: int = 24, size: int = 40, seed: int = 0) -> Path:
+    """A tiny pneumonia-style image folder (NORMAL / PNEUMONIA, Kermany file names): pneumonia images carry a
+    bright patch in the lower half."""
+    rng = np.random.default_rng(seed)
+    for label in ("NORMAL", "PNEUMONIA"):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 90, (size, size)).astype(np.uint8)
+            if label == "PNEUMONIA":
+                y, x = rng.integers(size // 2, size - 10), rng.integers(2, size - 12)
+                pixels[y : y + 8, x : x + 10] = 230
+            name = f"person{index}_bacteria_{index}.png" if label == "PNEUMONIA" else f"IM-{index:04d}-0001.png"
+            Image.fromarray(pixels, mode="L").save(root / label / name)
+    return root
+
+
+def write_cli_config(tmp_path: Path, data_root: Path, name: str = "e2e", **train: object) -> Path:
+    """A complete YAML config for ``cxr train`` on :func:`make_folder_dataset` with timm's tiny test ResNet."""
+    config = {
+        "name": name,
+        "seed": 5,
+        "output_dir": str(tmp_path / "runs" / name),
+        "data": {
+            "sources": [{"adapter": "folder", "root": str(data_root)}],
+            "no_finding": "zeros",
+            "split": {"method": "random", "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0},
+            "cache": {"dir": str(tmp_path / "cache"), "image_size": 32, "workers": 1},
+            "augment": {"crop_size": 28, "rotation_degrees": 5.0},
+            "loader": {"batch_size": 8},
+        },
+        "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
+        "train": {"max_epochs": 2, "loggers": ["csv"], "accelerator": "cpu", "devices": "1",
+                  "log_every_n_steps": 1, "optimizer": {"name": "adamw", "lr": 0.003},
+                  "scheduler": {"name": "cosine", "warmup_epochs": 0.5}, **train},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 # ---- tests ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_train_and_test_on_an_image_folder(tmp_path):
+    data_root = make_folder_dataset(tmp_path / "pneumonia")
+    config_path = write_cli_config(tmp_path, data_root, loggers=["csv", "mlflow"], ema_decay=0.5, tta=True)
+    output = invoke("train", "-c", str(config_path))
+    run_dir = tmp_path / "runs" / "e2e"
+    assert f"run directory: {run_dir}" in output
+
+    for name in ("config.yaml", "labels.json", "metrics.csv", "training_curves.png", "mlflow.json",
+                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "labels.json").read_text()) == ["Pneumonia"]
+    record = json.loads((run_dir / "mlflow.json").read_text())
+    assert record["tracking_uri"] == f"sqlite:///{(tmp_path / 'runs' / 'mlruns' / 'mlflow.db').resolve()}"
+    import mlflow
+
+    logged = mlflow.MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
+    assert "val/auroc_mean" in logged.data.metrics and logged.data.params["model/arch"] == "test_resnet"
+
+    # checkpoints hold only tensors and plain containers: they load with weights_only=True
+    state = torch.load(run_dir / "checkpoints/best.ckpt", weights_only=True)
+    assert state["cxrkit"]["labels"] == ["Pneumonia"] and state["cxrkit"]["activation"] == "sigmoid"
+    trained = run.load_trained_model(run_dir, "best")
+    assert trained.labels == ["Pneumonia"] and trained.model(torch.rand(2, 1, 28, 28)).shape == (2, 1)
+
+    output = invoke("test", str(run_dir), "--ckpt", "last")
+    payload = json.loads((run_dir / "test_metrics_last.json").read_text())
+    assert payload["checkpoint"] == "checkpoints/last.ckpt" and payload["tta"] is True
+    assert 0 <= payload["metrics"]["test/auroc/Pneumonia"] <= 1
+    assert payload["metrics"]["test/auroc_mean"] == payload["metrics"]["test/auroc/Pneumonia"]
+    assert "test AUROC" in output
+
+    result = CliRunner().invoke(cli, ["train", "-c", str(config_path)])
+    assert result.exit_code != 0 and "--resume" in result.output
+    result = CliRunner().invoke(cli, ["train", "--resume", str(run_dir), "train.max_epochs=3"])
+    assert result.exit_code != 0 and "drop --config" in result.output
+
+
 @pytest.mark.slow
 def test_training_writes_every_run_artefact(tmp_path):
     config = tiny_config(tmp_path, "train.max_epochs=3", "train.loss.name=weighted_bce")
@@ -205,23 +294,19 @@ def test_staged_fine_tuning_freezes_and_switches(tmp_path):
     assert metrics.dropna(subset=["train/stage"])["train/stage"].tolist() == [0.0, 1.0]
 
 
+def _resnet(arch: str) -> nn.Module:
+    return create_model(load_config(None, [f"model.arch={arch}", "model.pretrained.source=none"]).model, 14)
+
+
 def test_stage_patterns_express_resnet_schedules():
-    timm = pytest.importorskip("timm")
-
-    class Wrapped(nn.Module):
-        def __init__(self, arch: str) -> None:
-            super().__init__()
-            self.backbone = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=1)
-            self.head = nn.Linear(self.backbone.num_features, 14)
-
-    resnet18 = Wrapped("resnet18")
+    resnet18 = _resnet("resnet18")
     config = load_config(None, ['train.stages=[{name: layer4, trainable: ["backbone.layer4.*", "head.*"]}]'])
     apply_stage(resnet18, resolve_stages(config.train)[0])
     trainable = {name.split(".")[1] for name, p in resnet18.named_parameters() if p.requires_grad}
-    assert trainable == {"layer4", "weight", "bias"}  # layer4.* and head.weight / head.bias
+    assert trainable == {"layer4", "fc"}  # backbone.layer4.* and head.fc.*
     assert not any(p.requires_grad for n, p in resnet18.named_parameters() if n.startswith("backbone.layer3"))
 
-    resnet50 = Wrapped("resnet50")
+    resnet50 = _resnet("resnet50")
     five = ('train.stages=[{trainable: ["head.*"], epochs: 2}, {trainable: ["backbone.layer4.*", "head.*"]},'
             '{trainable: ["backbone.layer[34].*", "head.*"]}, {trainable: ["backbone.layer[234].*", "head.*"]},'
             '{trainable: ["*"], epochs: 3}]')

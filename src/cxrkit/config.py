@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Merge schema defaults, the YAML file at ``path`` and dotted ``overrides``; return the resolved config."""
+    """Merge schema defaults, the YAML at ``path`` and dotted ``overrides``; return the resolved config."""
     config = OmegaConf.structured(RunConfig)
     try:
         if path is not None:

@@ -59,7 +59,7 @@ def locate_data(explicit: str | None = None, download: Callable[[], Path] | None
         raise NoDataError(
             "no chest X-ray data found and the download failed "
             f"({error}).\nGive data with `cxr demo --data PATH` or CXR_DATA=PATH, where PATH holds nih/ "
-            "(NIH ChestX-ray14 PNGs + Data_Entry_2017*.csv) and/or pneumonia/ (NORMAL/ and PNEUMONIA/ folders), "
+            "(NIH ChestX-ray14 PNGs + Data_Entry_2017*.csv) and/or pneumonia/ (NORMAL/, PNEUMONIA/ folders), "
             "or get a public set online with `cxr data download pneumonia --dest data`."
         ) from error
 
@@ -78,10 +78,17 @@ def datasets_in(root: Path) -> list[DemoDataset]:
         found.append(DemoDataset("nih", "nih_lite0_offline.yaml", [f"data.sources.0.root={nih}"]))
     pneumonia = root / "pneumonia" / "train"
     if pneumonia.is_dir():
-        found.append(DemoDataset("pneumonia", "pneumonia_lite0_offline.yaml", [f"data.sources.0.root={pneumonia}"]))
+        found.append(
+            DemoDataset("pneumonia", "pneumonia_lite0_offline.yaml", [f"data.sources.0.root={pneumonia}"])
+        )
     if not found and _is_huggingface_dataset(root):
-        found.append(DemoDataset("pneumonia", "pneumonia_lite0_offline.yaml",
-                                 ["data.sources.0.adapter=huggingface", f"data.sources.0.root={root}"]))
+        found.append(
+            DemoDataset(
+                "pneumonia",
+                "pneumonia_lite0_offline.yaml",
+                ["data.sources.0.adapter=huggingface", f"data.sources.0.root={root}"],
+            )
+        )
     if not found:
         raise NoDataError(f"{root} holds neither nih/ nor pneumonia/train/ nor a Hugging Face dataset")
     return found
@@ -103,7 +110,9 @@ def demo_config(dataset: DemoDataset, out: Path, extra: list[str]) -> DictConfig
     return load_config(CONFIG_DIR / dataset.recipe, overrides)
 
 
-def run_demo(data: str | None, out: Path, extra: list[str], echo: Callable[[str], None] = print) -> DemoResult:
+def run_demo(
+    data: str | None, out: Path, extra: list[str], echo: Callable[[str], None] = print
+) -> DemoResult:
     """Prepare and describe every dataset found (later stages extend this)."""
     from cxrkit.cli.data import prepare
     from cxrkit.data.describe import describe_cache
@@ -116,7 +125,8 @@ def run_demo(data: str | None, out: Path, extra: list[str], echo: Callable[[str]
         echo(f"[{dataset.name}] preparing the cache in {config.data.cache.dir}")
         report = prepare(config)
         echo(f"[{dataset.name}] {report.n_images} images cached, {report.n_failed} unreadable")
-        eda = describe_cache(config.data.cache.dir, Path(config.output_dir) / "describe", config.data.augment,
-                             seed=config.seed)
+        eda = describe_cache(
+            config.data.cache.dir, Path(config.output_dir) / "describe", config.data.augment, seed=config.seed
+        )
         result.outputs[f"{dataset.name} data report"] = eda
     return result

@@ -8,10 +8,20 @@ import click
 
 
 @click.command()
-@click.option("--data", "data_root", type=click.Path(), default=None,
-              help="Data root holding nih/ and/or pneumonia/ (default: $CXR_DATA, ../shared/data, download).")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True,
-              help="Folder for every output of the demo.")
+@click.option(
+    "--data",
+    "data_root",
+    type=click.Path(),
+    default=None,
+    help="Data root holding nih/ and/or pneumonia/ (default: $CXR_DATA, ../shared/data, download).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="runs/demo",
+    show_default=True,
+    help="Folder for every output of the demo.",
+)
 @click.argument("overrides", nargs=-1)
 def demo(data_root: str | None, out: str, overrides: tuple[str, ...]) -> None:
     """Prepare the data, write the EDA reports, and run the later pipeline stages on the bundled recipes.

@@ -10,6 +10,8 @@ from cxrkit import __version__
 from cxrkit.cli.data import data
 from cxrkit.cli.demo import demo
 from cxrkit.cli.inference import export, predict, serve
+from cxrkit.cli.train import test, train
+from cxrkit.cli.tune import tune
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,9 @@ cli.add_command(demo)
 cli.add_command(export)
 cli.add_command(predict)
 cli.add_command(serve)
+cli.add_command(test)
+cli.add_command(train)
+cli.add_command(tune)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from cxrkit.data import labels as vocab
 from cxrkit.data.adapters import load_source
+from cxrkit.data.cache import CacheReport, prepare_cache
 from cxrkit.data.config import SourceConfig
 from cxrkit.data.manifest import VIEWS, Manifest, apply_no_finding_policy
 from cxrkit.data.merge import merge
@@ -149,3 +150,21 @@ def _drop_unlabelled(manifest: Manifest, no_finding: np.ndarray) -> tuple[Manife
     if not labelled.any():
         raise ValueError("no image has a known value for any of the selected labels")
     return manifest.subset(labelled), no_finding[labelled]
+
+
+def prepare_data(data_cfg, shard: tuple[int, int] | None = None) -> CacheReport:
+    """Build the manifest of ``data_cfg`` and its preprocessing cache in ``data_cfg.cache.dir``.
+
+    Re-running does no finished work (see :func:`cxrkit.data.cache.prepare_cache`); ``shard=(i, n)`` builds
+    one part of a cluster job.
+    """
+    cache = data_cfg.cache
+    return prepare_cache(
+        build_manifest(data_cfg),
+        cache.dir,
+        image_size=int(cache.image_size),
+        resize_policy=str(cache.resize_policy),
+        shard_size=int(cache.shard_size),
+        workers=int(cache.workers),
+        shard=shard,
+    )

@@ -638,11 +638,13 @@ class Cache:
     def images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """The images of ``indices`` as one new (B, S, S) uint8 array, gathered shard by shard."""
         indices = np.asarray(indices, dtype=np.int64)
+        shard_ids, offsets = self._shard_of[indices], self._offset_of[indices]
+        if len(indices) and (shard_ids == shard_ids[0]).all():  # the usual case: one shard, one gather
+            return np.asarray(np.take(self.shards[shard_ids[0]], offsets, axis=0))
         out = np.empty((len(indices), self.image_size, self.image_size), dtype=np.uint8)
-        shard_ids = self._shard_of[indices]
         for shard_id in np.unique(shard_ids):
             positions = np.flatnonzero(shard_ids == shard_id)
-            out[positions] = self.shards[shard_id][self._offset_of[indices[positions]]]
+            out[positions] = np.take(self.shards[shard_id], offsets[positions], axis=0)
         return out
 
     def geometry(self, index: int) -> Geometry:

@@ -61,8 +61,7 @@ class CachedImages(Dataset[Sample]):
         return image.unsqueeze(0), self.targets[index]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Sample]:
-        images, targets = self.batch(indices)
-        return list(zip(images, targets, strict=True))
+        return _GatheredSamples(self.batch(indices))
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> Sample:
         """Images ``uint8 [B, 1, S, S]`` and targets ``float32 [B, L]`` of ``indices`` in one gather."""
@@ -83,8 +82,18 @@ class CachedImages(Dataset[Sample]):
         )
 
 
+class _GatheredSamples(list):
+    """The samples of a batch gathered at once; keeps the stacked tensors so collation is free."""
+
+    def __init__(self, stacked: Sample) -> None:
+        super().__init__(zip(*stacked, strict=True))
+        self.stacked = stacked
+
+
 def collate_uint8(samples: list[Sample]) -> Sample:
     """Stack samples into ``(uint8 [B, 1, S, S], float32 [B, L])``."""
+    if isinstance(samples, _GatheredSamples):
+        return samples.stacked
     images, targets = zip(*samples, strict=True)
     return torch.stack(images), torch.stack(targets)
 

@@ -49,7 +49,6 @@ class NamedDataset:
     hub: str  # "kaggle" or "huggingface"
     handle: str
     adapter: str
-    options: dict[str, str] = field(default_factory=dict)  # adapter options the download needs
     revision: str | None = None
     allow_patterns: tuple[str, ...] = field(default_factory=tuple)
     subfolder: str = ""
@@ -62,7 +61,6 @@ DATASETS: dict[str, NamedDataset] = {
         "huggingface",
         "keremberke/chest-xray-classification",
         "huggingface",
-        options={"name": "pneumonia"},
         revision="refs/convert/parquet",
         allow_patterns=("full/*",),
         subfolder="full",
@@ -101,8 +99,7 @@ def _download_named(name: str, dataset: NamedDataset, dest: Path, force: bool) -
         if not any(target.iterdir()):
             target.rmdir()
         raise
-    options = f", options {dataset.options}" if dataset.options else ""
-    log.info("%s is in %s; read it with adapter %r (root: %s%s)", name, path, dataset.adapter, path, options)
+    log.info("%s is in %s; read it with adapter %r (root: %s)", name, path, dataset.adapter, path)
     return path
 
 

@@ -58,7 +58,8 @@ class Manifest:
         """Re-express over ``labels``: missing columns become unknown (NaN), extra columns are dropped."""
         frame = self.frame[list(META_COLUMNS)].copy()
         for label in labels:
-            frame[label] = self.frame[label] if label in self.frame else np.nan
+            frame[label] = self.frame[label] if label in self.frame else np.float32(np.nan)
+        frame[list(labels)] = frame[list(labels)].astype("float32")
         return Manifest(frame, list(labels))
 
     def save(self, path: str | Path) -> None:

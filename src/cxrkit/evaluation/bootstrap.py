@@ -5,15 +5,16 @@ the patient, not the image: each replicate draws ``n_patients`` patients with re
 drawn patient enters the replicate as often as its patient was drawn. A replicate is therefore a vector of
 integer patient multiplicities, and a metric on a replicate is the same metric with integer sample weights.
 
-Replicates are processed in chunks as a ``(n_patients, chunk)`` multiplicity matrix. The scores are sorted
-once per label; then
+Replicates are processed in chunks as a ``(n_patients, chunk)`` multiplicity matrix. Per label, the distinct
+scores of the positives split the negatives into segments (below, equal to, between those scores); the
+replicate weight of the positives at each score and of the negatives in each segment is one sparse
+(segment x patient) product with the multiplicity matrix. From these, for every replicate at once:
 
-* AUROC with integer weights is the weighted Mann-Whitney statistic:
-  ``sum_pos w_i (W_neg(< s_i) + W_neg(= s_i) / 2) / (W_pos * W_neg)``, computed for every replicate at once
-  from cumulative sums of the negatives' weights in score order (ties count one half, as the trapezoidal
-  ROC area of scikit-learn does);
+* AUROC with integer weights is the weighted Mann-Whitney statistic
+  ``sum_pos w_i (W_neg(< s_i) + W_neg(= s_i) / 2) / (W_pos * W_neg)`` (ties count one half, as the
+  trapezoidal ROC area of scikit-learn does), from cumulative sums over the segments;
 * average precision with integer weights is ``sum_t (TP_t - TP_t-1) / TP * TP_t / (TP_t + FP_t)`` over the
-  distinct score thresholds ``t``, again from cumulative sums (scikit-learn's ``average_precision_score``);
+  distinct score thresholds ``t`` (scikit-learn's ``average_precision_score``);
 * confusion counts at fixed thresholds are sums of per-patient counts, i.e. one matrix product.
 
 Each equals scikit-learn called with ``sample_weight`` = the replicate's image weights (see the tests).
@@ -131,9 +132,10 @@ class _RankingKernel:
         if not self.defined:
             return out
         # Weighted counts are integers: float32 holds them (and sums of two) exactly below 2**23.
-        dtype = np.float32 if self.n_entries * float(counts.max()) < 2**23 else np.float64
-        pos = (self.pos_weights @ counts).astype(dtype, copy=False)  # (m, chunk): positive weight at v_k
-        cum_neg = np.cumsum(self.neg_weights @ counts, axis=0, dtype=dtype)  # (2m + 1, chunk)
+        exact_in_float32 = self.n_entries * float(counts.max()) < 2**23
+        counts = counts if exact_in_float32 else counts.astype(np.float64)
+        pos = self.pos_weights @ counts  # (m, chunk): positive weight at v_k
+        cum_neg = np.cumsum(self.neg_weights @ counts, axis=0)  # (2m + 1, chunk)
         below, at_most, total_neg = cum_neg[0:-1:2], cum_neg[1::2], cum_neg[-1]  # W_neg(< v_k), W_neg(<= v_k)
         total_pos = pos.sum(axis=0, dtype=np.float64)
         # AUROC = sum_k pos_k (W_neg(< v_k) + W_neg(= v_k) / 2) / (W_pos W_neg); below + at_most = 2 (...).

@@ -86,6 +86,9 @@ class EvaluationResult:
             "metrics": _records(self.table),
             "calibration": _records(self.calibration),
             "temperature": None if self.temperature is None else self.temperature.to_dict(),
+            "reliability": {
+                name: table.to_dict(orient="records") for name, table in self.reliability.items()
+            },
             "roc_curves": {
                 "fpr": _CURVE_GRID.tolist(),
                 "tpr": {label: c.resample(_CURVE_GRID).tolist() for label, c in self.roc.items()},
@@ -165,7 +168,7 @@ def evaluate(
     lap("subgroups")
     confusion = None
     if test.task == "multiclass" or len(test.labels) == 1:
-        confusion = metrics.multiclass_confusion(test)
+        confusion = metrics.multiclass_confusion(test, points.thresholds[test.labels[0]])
     settings = {
         "n_replicates": n_replicates,
         "level": level,
@@ -177,19 +180,19 @@ def evaluate(
     }
     timings["total"] = round(sum(timings.values()), 4)
     return EvaluationResult(
-        test,
-        table,
-        points,
-        roc,
-        pr,
-        calibration,
-        reliability,
-        settings,
-        scaler,
-        subgroups,
-        leakage,
-        confusion,
-        timings,
+        predictions=test,
+        table=table,
+        operating_points=points,
+        roc=roc,
+        pr=pr,
+        calibration=calibration,
+        reliability=reliability,
+        settings=settings,
+        temperature=scaler,
+        subgroups=subgroups,
+        leakage=leakage,
+        multiclass_confusion=confusion,
+        timings=timings,
     )
 
 

@@ -21,7 +21,13 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 TASKS = ("multilabel", "multiclass")
 TRUE_PREFIX = "true:"
@@ -31,7 +37,7 @@ MACRO = "macro"
 MICRO = "micro"
 
 
-@dataclass
+@dataclass(eq=False)
 class Predictions:
     """Targets and scores of one model on one split (rows = images, columns = labels).
 
@@ -286,8 +292,6 @@ class Curve:
 
 def roc_curves(pred: Predictions) -> dict[str, Curve]:
     """ROC curve per defined label (scikit-learn ``roc_curve`` on the known entries)."""
-    from sklearn.metrics import roc_curve
-
     curves = {}
     for label in pred.labels:
         y, s = pred.column(label)
@@ -299,8 +303,6 @@ def roc_curves(pred: Predictions) -> dict[str, Curve]:
 
 def pr_curves(pred: Predictions) -> dict[str, Curve]:
     """Precision-recall curve per defined label (scikit-learn ``precision_recall_curve``)."""
-    from sklearn.metrics import precision_recall_curve
-
     curves = {}
     for label in pred.labels:
         y, s = pred.column(label)
@@ -328,6 +330,8 @@ def binarize(y_score: np.ndarray, labels: Sequence[str], thresholds: Mapping[str
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
     """TP/FP/TN/FN of binary predictions on the known entries (scikit-learn ``confusion_matrix``)."""
     known = ~np.isnan(y_true)
+    if not known.any():
+        return {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
     tn, fp, fn, tp = confusion_matrix(
         y_true[known].astype(int), y_pred[known].astype(int), labels=[0, 1]
     ).ravel()
@@ -391,17 +395,17 @@ def threshold_table(pred: Predictions, thresholds: Mapping[str, float]) -> pd.Da
     return table
 
 
-def multiclass_confusion(pred: Predictions) -> pd.DataFrame:
+def multiclass_confusion(pred: Predictions, threshold: float = 0.5) -> pd.DataFrame:
     """Full confusion matrix of a single-label task: rows = true class, columns = predicted (argmax).
 
-    With one label (binary task) the classes are ``not <label>`` and ``<label>`` at threshold 0.5 of the
-    score; rows with any unknown target are skipped.
+    With one label (binary task) the classes are ``not <label>`` and ``<label>``, predicted at
+    ``threshold``; rows with any unknown target are skipped.
     """
     complete = pred.known.all(axis=1)
     if len(pred.labels) == 1:
         names = [f"not {pred.labels[0]}", pred.labels[0]]
         truth = pred.y_true[complete, 0].astype(int)
-        guess = (pred.y_score[complete, 0] >= 0.5).astype(int)
+        guess = (pred.y_score[complete, 0] >= threshold).astype(int)
     else:
         rows = pred.y_true[complete]
         if not np.all(rows.sum(axis=1) == 1):

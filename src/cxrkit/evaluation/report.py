@@ -7,12 +7,13 @@ Files written into ``out_dir``:
 ``report.md``            the same text and tables, figures as the PNG files next to it
 ``*.png``                the figures
 ``evaluation.json``      all numbers (strict JSON, NaN as null): metrics, intervals, thresholds, calibration,
-                         subgroups, leakage, curves on a 101-point grid, settings
+                         reliability bins, subgroups, leakage, curves on a 101-point grid, settings
 ``per_finding.csv``      the per-finding table at full precision (labels, ``macro``, ``micro``)
 ``thresholds.json``      the operating points with their provenance (what a model bundle stores)
 ``calibration.csv``      ECE / NLL / Brier per label (and after temperature scaling)
 ``subgroups.csv``        AUROC per subgroup and label; ``subgroup_gaps.csv`` the best-worst gaps
 ``confusion_matrix.csv`` single-label tasks: the full confusion matrix
+``comparison.csv``       with ``comparison=``: the paired AUROC differences
 =======================  ==================================================================================
 """
 
@@ -74,8 +75,7 @@ def write_evaluation_report(
     if comparison is not None:
         _comparison(report, comparison)
     if metrics_csv is not None:
-        report.heading("Training curves")
-        report.figure(plots.training_curves(metrics_csv), "training_curves", caption=str(metrics_csv))
+        _training(report, metrics_csv)
     if images:
         _examples(report, result, images)
     _methods(report, result)
@@ -296,21 +296,52 @@ def _comparison(report: Report, comparison: ComparisonResult) -> None:
     row = comparison.table.loc[MACRO]
     kind = "ok" if row["difference_low"] > 0 else "warning" if row["difference_high"] < 0 else "info"
     report.callout(comparison.summary(), kind)
-    table = comparison.table.rename(index=_ROW_NAMES).rename_axis("Finding").reset_index()
     a, b = comparison.names
-    table = table.rename(columns={"auroc_a": f"AUROC {a}", "auroc_b": f"AUROC {b}"})
+    rows = comparison.table
+    table = pd.DataFrame(
+        {
+            "Finding": [_ROW_NAMES.get(str(label), str(label)) for label in rows.index],
+            f"AUROC {a}": rows["auroc_a"].to_numpy(),
+            f"AUROC {b}": rows["auroc_b"].to_numpy(),
+            f"{b} - {a} [{comparison.level:.0%} CI]": [
+                f"{r.difference:+.4f} [{r.difference_low:+.4f}, {r.difference_high:+.4f}]"
+                for r in rows.itertuples()
+            ],
+            "Bootstrap p": rows["p_value"].to_numpy(),
+        }
+    )
     report.table(
         table,
-        caption=f"Paired patient bootstrap ({comparison.n_replicates} replicates): difference = {b} - {a}",
+        caption=f"Paired {comparison.unit} bootstrap ({comparison.n_replicates} replicates, same resamples "
+        "for both runs)",
         float_format="{:.4f}",
     )
 
 
+def _training(report: Report, metrics_csv: str | Path) -> None:
+    report.heading("Training curves")
+    try:
+        figure = plots.training_curves(metrics_csv)
+    except (FileNotFoundError, ValueError, pd.errors.ParserError) as error:
+        report.callout(f"Training curves skipped: {error}", "warning")
+        return
+    report.figure(figure, "training_curves", caption=str(metrics_csv))
+
+
 def _examples(report: Report, result: EvaluationResult, images: Mapping[int, ImageLike]) -> None:
-    rows = list(images)
-    titles, correct = example_titles(result, rows)
     report.heading("Examples")
-    loaded = [_load_gray(images[row]) for row in rows]
+    loaded, rows, skipped = [], [], []
+    for row, image in images.items():
+        try:
+            loaded.append(_load_gray(image))
+            rows.append(row)
+        except (OSError, ValueError) as error:  # unreadable file or array: skip it, say so
+            skipped.append(f"row {row}: {error}")
+    if skipped:
+        report.callout(f"{len(skipped)} example images skipped: {'; '.join(skipped[:5])}", "warning")
+    if not loaded:
+        return
+    titles, correct = example_titles(result, rows)
     report.figure(
         plots.example_grid(loaded, titles, correct),
         "examples",

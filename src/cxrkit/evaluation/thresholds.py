@@ -54,7 +54,7 @@ def choose_thresholds(
             thresholds[label] = float(fixed_threshold)
         elif not is_defined(y_true):
             log.warning(
-                "label %r has a single class in the validation predictions; using threshold %s",
+                "label %r lacks a known positive or negative in the validation split; using threshold %s",
                 label,
                 fixed_threshold,
             )

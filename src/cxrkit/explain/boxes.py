@@ -49,6 +49,14 @@ def box_area(boxes: np.ndarray | list) -> np.ndarray:
     return np.clip(array[:, 2] - array[:, 0], 0, None) * np.clip(array[:, 3] - array[:, 1], 0, None)
 
 
+def clip_boxes(boxes: np.ndarray | list, height: float, width: float) -> np.ndarray:
+    """Clip boxes to the image ``[0, width] x [0, height]`` and drop those left with no area."""
+    array = as_boxes(boxes).copy()
+    array[:, [0, 2]] = np.clip(array[:, [0, 2]], 0, width)
+    array[:, [1, 3]] = np.clip(array[:, [1, 3]], 0, height)
+    return array[box_area(array) > 0]
+
+
 def intersection(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray:
     """Pairwise intersection areas, ``[N_pred, N_gt]``."""
     a, b = as_boxes(pred), as_boxes(gt)
@@ -72,9 +80,10 @@ def iou(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray:
 def iobb(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray:
     """Pairwise intersection over the *detected* (predicted) box area, ``[N_pred, N_gt]``.
 
-    This is IoBB of Wang et al. 2017 (ChestX-ray8, Sec. 5.2), "similar to Area of Precision or Purity": the share
-    of a predicted box that lies inside the ground truth. It is 1 for any predicted box inside the ground truth,
-    however small, which is why the paper reports it next to IoU for its coarse heatmap boxes.
+    This is IoBB of Wang et al. 2017 (ChestX-ray8, Sec. 5.2), "similar to Area of Precision or Purity": the
+    share of a predicted box that lies inside the ground truth. It is 1 for any predicted box inside the
+    ground truth, however small; the paper uses it because boxes from its 32 x 32 heatmaps are coarser and
+    larger than the ground truth, and reports IoU beside it.
     """
     return _ratio(intersection(pred, gt), box_area(pred)[:, None])
 
@@ -98,9 +107,11 @@ def read_nih_boxes(path: str | Path) -> pd.DataFrame:
     bad = coordinates.isna().any(axis=1) | (coordinates[["w", "h]"]] <= 0).any(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(f"{path}: row {row + 2} has an invalid box {raw.iloc[row][list(NIH_BOX_COLUMNS)].tolist()}")
-    findings = [canonical(name) for name in raw["Finding Label"]]
-    unknown = sorted({name for name, label in zip(raw["Finding Label"], findings, strict=True) if label is None})
+        values = raw.iloc[row][list(NIH_BOX_COLUMNS)].tolist()
+        raise ValueError(f"{path}: row {row + 2} has an invalid box (x, y, w, h) = {values}")
+    names = raw["Finding Label"].astype(str).str.strip()
+    findings = [canonical(name) for name in names]
+    unknown = sorted({name for name, label in zip(names, findings, strict=True) if label is None})
     if unknown:
         raise ValueError(f"{path}: unknown finding label(s) {unknown} (not in cxrkit.data.labels)")
     xyxy = xywh_to_xyxy(coordinates.to_numpy())

@@ -12,7 +12,8 @@ target's probability is returned alongside.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -43,8 +44,12 @@ CAM_METHODS: dict[str, type] = {
     "kpca-cam": pgc.KPCA_CAM,
     "random": pgc.RandomCAM,
 }
-_ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "kpcacam": "kpca-cam",
-                            "gradcamelementwise": "gradcam-elementwise"}
+_ALIASES: dict[str, str] = {
+    "gradcampp": "gradcam++",
+    "gradcamplusplus": "gradcam++",
+    "kpcacam": "kpca-cam",
+    "gradcamelementwise": "gradcam-elementwise",
+}
 #: Methods whose maps ignore the target class (class-agnostic principal components of the activations).
 CLASS_AGNOSTIC: frozenset[str] = frozenset({"eigencam", "kpca-cam", "fem", "random"})
 
@@ -88,14 +93,16 @@ def resolve_target_layer(model: nn.Module, target_layer: str | nn.Module | None 
     if isinstance(model, CXRModel):
         return cam_target_layer(model, target_layer)
     if target_layer is None:
-        raise ValueError(f"{type(model).__name__} is not a cxrkit model (cxrkit.models.factory.create_model): "
-                         "name its CAM target layer, e.g. target_layer='layer4'")
+        raise ValueError(
+            f"{type(model).__name__} is not a cxrkit model (cxrkit.models.factory.create_model):"
+            " name its CAM target layer, e.g. target_layer='layer4'"
+        )
     try:
         return model.get_submodule(target_layer)
     except AttributeError as error:
         top = [name for name, _ in model.named_children()]
-        raise ValueError(f"{type(model).__name__} has no module {target_layer!r}; its top-level modules are {top}") \
-            from error
+        message = f"{type(model).__name__} has no module {target_layer!r}; its top-level modules are {top}"
+        raise ValueError(message) from error
 
 
 def select_targets(logits: Tensor, targets: Targets, k: int = 3) -> Tensor:
@@ -105,22 +112,47 @@ def select_targets(logits: Tensor, targets: Targets, k: int = 3) -> Tensor:
     in every image; or a ``[B, n]`` tensor / nested list giving each image its own ``n`` indices.
     """
     batch, num_classes = logits.shape
-    if isinstance(targets, str):
-        if targets != "topk":
-            raise ValueError(f"targets must be label indices or 'topk', got {targets!r}")
-        if not 1 <= k <= num_classes:
-            raise ValueError(f"k must be in 1..{num_classes} (the number of outputs), got {k}")
+    if _is_topk(targets, k, num_classes):
         return logits.detach().topk(k, dim=1).indices.cpu()
+    return _fixed_targets(targets, batch, num_classes)
+
+
+def _is_topk(targets: Targets, k: int, num_classes: int | None) -> bool:
+    if not isinstance(targets, str):
+        return False
+    if targets != "topk":
+        raise ValueError(f"targets must be label indices or 'topk', got {targets!r}")
+    if k < 1 or (num_classes is not None and k > num_classes):
+        raise ValueError(f"k must be in 1..{num_classes} (the number of outputs), got {k}")
+    return True
+
+
+def _fixed_targets(targets: Targets, batch: int, num_classes: int) -> Tensor:
     chosen = torch.as_tensor(targets, dtype=torch.int64).cpu()
     if chosen.ndim == 1:
         chosen = chosen.repeat(batch, 1)
     if chosen.ndim != 2 or chosen.shape[0] != batch or chosen.shape[1] == 0:
-        raise ValueError(f"targets must be n >= 1 label indices or a [B={batch}, n] table of them, "
-                         f"got shape {tuple(chosen.shape)}")
+        raise ValueError(
+            f"targets must be n >= 1 label indices or a [B={batch}, n] table of them, "
+            f"got shape {tuple(chosen.shape)}"
+        )
     bad = sorted({int(i) for i in chosen.flatten() if not 0 <= int(i) < num_classes})
     if bad:
-        raise ValueError(f"target label indices {bad} are out of range for a model with {num_classes} outputs")
+        raise ValueError(
+            f"target label indices {bad} are out of range for a model with {num_classes} outputs"
+        )
     return chosen
+
+
+class RankedLogitTarget:
+    """The logit ranked ``rank`` (0 = highest) in an image's output: a top-k target that needs no separate
+    forward pass to know which label it is."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return output.topk(self.rank + 1, dim=-1).values[..., self.rank]
 
 
 def explain(
@@ -138,39 +170,79 @@ def explain(
 
     ``targets`` is a list of label indices explained in every image, a ``[B, n]`` table of per-image
     indices, or ``"topk"`` for each image's ``k`` highest logits (see :func:`select_targets`).
-    The whole batch goes through the network once per target slot. ``aug_smooth`` averages over
-    flip/brightness test-time augmentation; ``eigen_smooth`` keeps the first principal component.
-    The model is put in eval mode for the call and restored afterwards.
+    The batch goes through the network once per target slot; gradients are taken with respect to the target
+    layer's activations only (parameter gradients are not computed, which makes the backward pass cheap).
+    ``aug_smooth`` averages over flip/brightness test-time augmentation; ``eigen_smooth`` keeps the first
+    principal component. The model is put in eval mode for the call and restored afterwards.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     name = method_name(method)
     layer = resolve_target_layer(model, target_layer)
     layer_name = _module_name(model, layer)
+    num_classes = getattr(model, "num_classes", None)
+    topk = _is_topk(targets, k, num_classes if isinstance(num_classes, int) else None)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    images = images.to(device=device, dtype=torch.float32)
+    images = images.to(device=next(model.parameters()).device, dtype=torch.float32)
+    logits = chosen = None
     try:
-        with torch.no_grad():
-            logits = model(images)
-        chosen = select_targets(logits, targets, k)
-        probabilities = torch.sigmoid(logits.detach().float().cpu()).gather(1, chosen)
-        cam = _build_cam(name, model, layer, layer_name)
-        try:
-            with torch.enable_grad():
-                maps = [
-                    cam(images, [ClassifierOutputTarget(int(i)) for i in chosen[:, slot]],
-                        aug_smooth=aug_smooth, eigen_smooth=eigen_smooth)
-                    for slot in range(chosen.shape[1])
-                ]
-        finally:
-            cam.activations_and_grads.release()
-            model.zero_grad(set_to_none=True)
+        if aug_smooth or not (topk or isinstance(num_classes, int)):  # logits needed before the CAM passes
+            with torch.no_grad():
+                logits = model(images).detach()
+            chosen = select_targets(logits, targets, k)
+        elif not topk:
+            chosen = _fixed_targets(targets, images.shape[0], num_classes)
+        maps = []
+        with _activation_gradients_only(model, layer, name), torch.enable_grad():
+            cam = _build_cam(name, model, layer, layer_name)
+            try:
+                for slot in range(k if chosen is None else chosen.shape[1]):
+                    if chosen is None:
+                        cam_targets = [RankedLogitTarget(slot)] * images.shape[0]
+                    else:
+                        cam_targets = [ClassifierOutputTarget(int(i)) for i in chosen[:, slot]]
+                    maps.append(cam(images, cam_targets, aug_smooth=aug_smooth, eigen_smooth=eigen_smooth))
+                    if logits is None:
+                        logits = cam.outputs.detach()
+                        chosen = select_targets(logits, targets, k)
+            finally:
+                cam.activations_and_grads.release()
+                model.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
+    probabilities = torch.sigmoid(logits.float().cpu()).gather(1, chosen)
     heatmaps = torch.from_numpy(np.clip(np.stack(maps, axis=1), 0.0, 1.0).astype(np.float32))
     return Explanation(heatmaps, chosen, probabilities, name, layer_name)
+
+
+#: Methods that need gradients beyond the target layer's activations (input or bias gradients).
+_FULL_GRAPH_METHODS = frozenset({"fullgrad", "shapleycam"})
+
+
+@contextmanager
+def _activation_gradients_only(model: nn.Module, layer: nn.Module, method: str) -> Iterator[None]:
+    """Freeze every parameter and make the target layer's output a leaf that requires grad, so backward
+    runs from the logits to that layer only; restores the parameters' flags afterwards."""
+    if method in _FULL_GRAPH_METHODS:
+        yield
+        return
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+
+    def require_grad(_module: nn.Module, _inputs: object, output: object) -> object:
+        if isinstance(output, Tensor) and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return output
+
+    handle = layer.register_forward_hook(require_grad)
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        handle.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 def _build_cam(name: str, model: nn.Module, layer: nn.Module, layer_name: str) -> BaseCAM:

@@ -8,10 +8,10 @@ fraction of the maximum (0.235 and 0.706 reproduce the paper's two settings).
 Scoring follows the paper's Table 4, per finding, over the images that have a ground-truth box of that
 finding, using the heatmap of that finding's output (whatever the predicted probability):
 
-* **Accuracy at T** (IoU or IoBB): an image counts as correctly localised when *at least one* predicted box
-  has IoU > T (or IoBB > T) with a ground-truth box of the finding (strict ``>``, as in the paper). IoBB is the
-  intersection over the *detected* box area (:func:`cxrkit.explain.boxes.iobb`). The paper reports IoBB in
-  Table 4 and IoU in its supplement; both are computed here for T in {0.1, 0.25, 0.5, 0.75, 0.9}.
+* **Accuracy at T** (IoU or IoBB): an image counts as correctly localised when *at least one* predicted
+  box has IoU > T (or IoBB > T) with a ground-truth box of the finding (strict ``>``, as in the paper). IoBB
+  is the intersection over the *detected* box area (:func:`cxrkit.explain.boxes.iobb`). Table 4 reports
+  both criteria for T in {0.1, 0.25, 0.5, 0.75, 0.9}; so does :meth:`LocalizationScores.table`.
 * **AFP at T** (average false positives): predicted boxes whose IoU (IoBB) with every ground-truth box of
   the finding is <= T, summed over the images and divided by their number. An image with no predicted box is
   a miss with no false positive.
@@ -32,18 +32,17 @@ from scipy import ndimage
 
 from cxrkit.data.cache import Geometry
 from cxrkit.explain.boxes import as_boxes, iobb, iou, xywh_to_xyxy, xyxy_to_xywh
+from cxrkit.inference.bundle import EVAL_MODES, PreprocessSpec
 
 #: Overlap thresholds of Wang et al. 2017, Table 4.
 WANG_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
 CRITERIA = {"IoU": iou, "IoBB": iobb}
-#: How the S x S cache image becomes the model input (the modes of :func:`cxrkit.data.augment.eval_transform`).
-EVAL_MODES: tuple[str, ...] = ("center_crop", "resize")
 
 
 @dataclass(frozen=True)
 class InputGeometry:
-    """Where an original image sits in the model input: the cache resize (:class:`~cxrkit.data.cache.Geometry`)
-    followed by the evaluation transform to ``input_size`` (centre crop, or resize of the whole cache image).
+    """Where an original image sits in the model input: the cache resize (:class:`cxrkit.data.cache.Geometry`)
+    then the evaluation transform to ``input_size`` (``resize`` of the whole cache image, or ``center_crop``).
 
     Coordinates are continuous pixel coordinates (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``), so a box
     maps exactly: no rounding happens between spaces.
@@ -51,7 +50,7 @@ class InputGeometry:
 
     cache: Geometry
     input_size: int
-    mode: str = "center_crop"
+    mode: str = "resize"
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
@@ -60,10 +59,22 @@ class InputGeometry:
             raise ValueError(f"cannot centre-crop {self.input_size} from a {self.cache.size} cache image")
 
     @classmethod
-    def fit(cls, height: int, width: int, image_size: int, resize_policy: str, input_size: int,
-            mode: str = "center_crop") -> InputGeometry:
+    def fit(
+        cls,
+        height: int,
+        width: int,
+        image_size: int,
+        resize_policy: str,
+        input_size: int,
+        mode: str = "resize",
+    ) -> InputGeometry:
         """The geometry of a ``height x width`` original under a cache ``image_size``/``resize_policy``."""
         return cls(Geometry.fit(height, width, image_size, resize_policy), input_size, mode)
+
+    @classmethod
+    def from_spec(cls, cache: Geometry, spec: PreprocessSpec) -> InputGeometry:
+        """The geometry of a bundle's preprocessing (cache resize, then ``eval_mode`` to ``crop_size``)."""
+        return cls(cache, spec.crop_size, spec.eval_mode)
 
     @property
     def _ratio(self) -> float:
@@ -75,17 +86,6 @@ class InputGeometry:
         """Cache pixels cut from the top/left by the centre crop (the offset of ``eval_transform``)."""
         return (self.cache.size - self.input_size) // 2 if self.mode == "center_crop" else 0
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        """The uint8 ``input_size`` square the model sees for an original uint8 image (antialiased resizes)."""
-        cached = self.cache.apply(image)
-        if self.mode == "resize":
-            if self.input_size == self.cache.size:
-                return cached
-            size = (self.input_size, self.input_size)
-            return np.asarray(Image.fromarray(cached).resize(size, Image.Resampling.BILINEAR))
-        start = self._offset
-        return np.ascontiguousarray(cached[start : start + self.input_size, start : start + self.input_size])
-
     def to_original_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """Model-input ``[N, 4]`` xyxy boxes to original pixel coordinates (through the cache geometry)."""
         cache_boxes = as_boxes(boxes) / self._ratio + self._offset
@@ -93,7 +93,7 @@ class InputGeometry:
         return xywh_to_xyxy(np.asarray(mapped, dtype=np.float64).reshape(-1, 4))
 
     def to_input_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """Original ``[N, 4]`` xyxy boxes to model-input pixel coordinates (inverse of :meth:`to_original_boxes`)."""
+        """Original ``[N, 4]`` xyxy boxes to model-input pixels (inverse of :meth:`to_original_boxes`)."""
         mapped = [self.cache.to_cache_box(*box) for box in xyxy_to_xywh(boxes)]
         cache_boxes = xywh_to_xyxy(np.asarray(mapped, dtype=np.float64).reshape(-1, 4))
         return (cache_boxes - self._offset) * self._ratio
@@ -102,9 +102,11 @@ class InputGeometry:
         x, y = point
         return self.cache.to_original_point(x / self._ratio + self._offset, y / self._ratio + self._offset)
 
-    def heatmap_to_original(self, heatmap: np.ndarray, out_shape: tuple[int, int] | None = None) -> np.ndarray:
+    def heatmap_to_original(
+        self, heatmap: np.ndarray, out_shape: tuple[int, int] | None = None
+    ) -> np.ndarray:
         """Resample a model-input heatmap onto the original image grid (or an ``out_shape`` view of it),
-        bilinear at pixel centres; parts of the original the model did not see (cropped margins) get 0."""
+        bilinear at pixel centres; parts of the original the model never saw (cropped margins) get 0."""
         heatmap = _as_map(heatmap).astype(np.float32)
         if heatmap.shape != (self.input_size, self.input_size):
             raise ValueError(f"heatmap shape {heatmap.shape} is not the model input {self.input_size}²")
@@ -113,8 +115,12 @@ class InputGeometry:
         ratio, offset = self._ratio, self._offset
         # output x -> original x / zoom -> cache x * scale + shift -> input (cache - offset) * ratio
         coefficients = (
-            self.cache.scale_x * ratio / zoom_x, 0.0, (self.cache.shift_x - offset) * ratio,
-            0.0, self.cache.scale_y * ratio / zoom_y, (self.cache.shift_y - offset) * ratio,
+            self.cache.scale_x * ratio / zoom_x,
+            0.0,
+            (self.cache.shift_x - offset) * ratio,
+            0.0,
+            self.cache.scale_y * ratio / zoom_y,
+            (self.cache.shift_y - offset) * ratio,
         )
         mapped = Image.fromarray(heatmap, mode="F").transform(
             (out_w, out_h), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR
@@ -135,11 +141,11 @@ class BoxParams:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"box threshold must be a fraction of the heatmap max in (0, 1], got {self.threshold}")
+            raise ValueError(f"box threshold: a fraction of the heatmap max in (0, 1], got {self.threshold}")
         if not 0.0 <= self.min_area < 1.0:
-            raise ValueError(f"min_area must be a fraction of the heatmap area in [0, 1), got {self.min_area}")
+            raise ValueError(f"min_area: a fraction of the heatmap area in [0, 1), got {self.min_area}")
         if self.connectivity not in (1, 2):
-            raise ValueError(f"connectivity must be 1 (4-neighbour) or 2 (8-neighbour), got {self.connectivity}")
+            raise ValueError(f"connectivity: 1 (4-neighbour) or 2 (8-neighbour), got {self.connectivity}")
 
 
 @dataclass
@@ -172,8 +178,9 @@ def heatmap_to_boxes(heatmap: np.ndarray, params: BoxParams | None = None) -> He
         boxes.append((cols.start, rows.start, cols.stop, rows.stop))
         scores.append(value)
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[: params.max_boxes]
-    return HeatmapBoxes(as_boxes(np.asarray(boxes, dtype=np.float64)[order]),
-                        np.asarray(scores, dtype=np.float64)[order])
+    return HeatmapBoxes(
+        as_boxes(np.asarray(boxes, dtype=np.float64)[order]), np.asarray(scores, dtype=np.float64)[order]
+    )
 
 
 def heatmap_peak(heatmap: np.ndarray) -> tuple[float, float] | None:
@@ -211,7 +218,7 @@ class LocalizationCase:
 
 def overlap_outcome(pred: np.ndarray, gt: np.ndarray, criterion: str, threshold: float) -> tuple[bool, int]:
     """``(correct, false_positives)`` for one image: correct when any predicted box has overlap > threshold
-    with any ground-truth box; a false positive is a predicted box with overlap <= threshold with all of them."""
+    with any ground-truth box; a false positive is a predicted box with overlap <= threshold with all."""
     pred, gt = as_boxes(pred), as_boxes(gt)
     if len(pred) == 0:
         return False, 0
@@ -235,7 +242,8 @@ class LocalizationScores:
         plus ``Mean`` (unweighted over findings)."""
         part = self.overlap[self.overlap["criterion"] == criterion]
         if part.empty:
-            raise ValueError(f"no scores for criterion {criterion!r}; have {sorted(self.overlap['criterion'].unique())}")
+            have = sorted(self.overlap["criterion"].unique())
+            raise ValueError(f"no scores for criterion {criterion!r}; have {have}")
         rows = {}
         for threshold, group in part.groupby("threshold", sort=True):
             by_finding = group.set_index("finding")
@@ -263,15 +271,20 @@ def score_localization(
         for criterion in CRITERIA:
             for threshold in thresholds:
                 outcomes = [overlap_outcome(c.pred_boxes, c.gt_boxes, criterion, threshold) for c in group]
-                overlap_rows.append({
-                    "finding": finding, "criterion": criterion, "threshold": float(threshold),
-                    "accuracy": float(np.mean([correct for correct, _ in outcomes])),
-                    "afp": float(np.mean([false_positives for _, false_positives in outcomes])),
-                    "n_images": len(group),
-                })
+                overlap_rows.append(
+                    {
+                        "finding": finding,
+                        "criterion": criterion,
+                        "threshold": float(threshold),
+                        "accuracy": float(np.mean([correct for correct, _ in outcomes])),
+                        "afp": float(np.mean([false_positives for _, false_positives in outcomes])),
+                        "n_images": len(group),
+                    }
+                )
         hits = sum(point_in_boxes(c.peak, c.gt_boxes, pointing_tolerance) for c in group)
-        pointing_rows.append({"finding": finding, "hits": hits, "n_images": len(group),
-                              "hit_rate": hits / len(group)})
+        pointing_rows.append(
+            {"finding": finding, "hits": hits, "n_images": len(group), "hit_rate": hits / len(group)}
+        )
     return LocalizationScores(pd.DataFrame(overlap_rows), pd.DataFrame(pointing_rows))
 
 

@@ -406,6 +406,8 @@ def export_run(
             int(config.data.cache.image_size),
             str(config.data.cache.resize_policy),
             int(config.data.augment.crop_size),
+            # the data module's evaluation transform (resize unless the config chooses another mode)
+            str(OmegaConf.select(config, "data.augment.eval_mode", default="resize")),
         ),
         model_config=to_container(config.model),
         provenance=_provenance(run_dir, config, checkpoint_file, state),

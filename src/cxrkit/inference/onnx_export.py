@@ -42,8 +42,28 @@ def export_onnx(model: nn.Module, path: str | Path, crop_size: int, opset: int =
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             do_constant_folding=True,
         )
+    graph = onnx.load(str(path))
+    _inline_identity_initializers(graph.graph)
+    onnx.save(graph, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _inline_identity_initializers(graph: onnx.GraphProto) -> None:
+    """Replace ``Identity(initializer)`` nodes by a copy of the initializer.
+
+    The exporter deduplicates equal weights (e.g. zero-initialised residual branches) through Identity
+    nodes; operators reached that way have no initializer of their own, which ONNX Runtime's quantiser
+    requires.
+    """
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    aliases = [node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers]
+    for node in aliases:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(initializers[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
 
 
 def create_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:

@@ -129,7 +129,7 @@ class LastCheckpoint(Callback):
     def _save(self, trainer: Trainer) -> None:
         for logger in trainer.loggers:
             logger.save()
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class Throughput(Callback):

@@ -45,14 +45,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from lightning.pytorch import LightningDataModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -84,15 +84,25 @@ ModelFactory = Callable[[int], nn.Module]
 
 
 # ---- entry points ------------------------------------------------------------------------------------------
-def train(config: DictConfig, resume: str | Path | None = None) -> Path:
-    """Train from ``config`` (or continue the run in ``resume``, reloading its saved config); return run_dir."""
+def train(
+    config: DictConfig | None,
+    resume: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
+    mlflow_tags: Mapping[str, str] | None = None,
+) -> Path:
+    """Train from ``config``, or continue the run in ``resume`` with its saved config (``config`` is then
+    ignored); return the run directory. ``callbacks`` are added to the Trainer's (e.g. Optuna pruning) and
+    ``mlflow_tags`` to a new MLflow run (e.g. ``mlflow.parentRunId`` to nest it under a study's run)."""
     if resume is not None:
         run_dir = Path(resume)
         config = load_run_config(run_dir)
+    elif config is None:
+        raise ValueError("train() needs a config or a run directory to resume")
     else:
         run_dir = Path(config.output_dir)
     datamodule = build_datamodule(config)
-    return fit(config, datamodule, model_factory(config), run_dir, resume=resume is not None)
+    return fit(config, datamodule, model_factory(config), run_dir, resume=resume is not None,
+               callbacks=callbacks, mlflow_tags=mlflow_tags)
 
 
 def fit(
@@ -101,6 +111,8 @@ def fit(
     build_model: ModelFactory,
     run_dir: str | Path,
     resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    mlflow_tags: Mapping[str, str] | None = None,
 ) -> Path:
     """Train ``build_model(num_labels)`` on ``datamodule`` into ``run_dir``; continue from last.ckpt if ``resume``.
 
@@ -119,16 +131,17 @@ def fit(
     else:
         _start_fresh(run_dir)
 
-    seed_everything(int(config.seed), workers=True, verbose=False)
     _setup_data(datamodule)
     labels = list(datamodule.labels)
     frequencies = datamodule.train_label_frequencies() if _needs_frequencies(config.train) else None
-    metadata = {"config": to_container(config)}
-    module = CXRClassifier(build_model(len(labels)), labels, config.train, frequencies, metadata)
+    seed_everything(int(config.seed), workers=True, verbose=False)
+    model = build_model(len(labels))
+    module = CXRClassifier(model, labels, config.train, frequencies, {"config": to_container(config)})
     _write_run_files(config, labels, run_dir)
 
     validate = float(config.train.limit_val_batches) > 0
-    trainer = build_trainer(config, run_dir, build_loggers(config, run_dir), validate=validate)
+    loggers = build_loggers(config, run_dir, mlflow_tags)
+    trainer = build_trainer(config, run_dir, loggers, validate=validate, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=False)
     _finish(run_dir)
     return run_dir
@@ -207,14 +220,15 @@ def model_factory(config: DictConfig) -> ModelFactory:
     return lambda num_labels: create_model(config.model, num_labels)
 
 
-def build_loggers(config: DictConfig, run_dir: Path) -> list[Logger]:
+def build_loggers(config: DictConfig, run_dir: Path, mlflow_tags: Mapping[str, str] | None = None
+                  ) -> list[Logger]:
     """CSV (always, ``metrics.csv``) plus the others named in ``train.loggers``."""
     unknown = set(config.train.loggers) - set(LOGGERS)
     if unknown:
         raise ValueError(f"train.loggers has unknown entries {sorted(unknown)}; choose from {list(LOGGERS)}")
     loggers: list[Logger] = [RunCSVLogger(run_dir)]
     if "mlflow" in config.train.loggers:
-        loggers.append(_mlflow_logger(config, run_dir))
+        loggers.append(_mlflow_logger(config, run_dir, mlflow_tags))
     if "tensorboard" in config.train.loggers:
         from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -228,7 +242,8 @@ def build_loggers(config: DictConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def build_trainer(config: DictConfig, run_dir: Path, loggers: list[Logger], validate: bool = True) -> Trainer:
+def build_trainer(config: DictConfig, run_dir: Path, loggers: list[Logger], validate: bool = True,
+                  callbacks: Sequence[Callback] = ()) -> Trainer:
     train_cfg = config.train
     return Trainer(
         **_hardware_args(train_cfg),
@@ -240,7 +255,7 @@ def build_trainer(config: DictConfig, run_dir: Path, loggers: list[Logger], vali
         limit_val_batches=_limit(train_cfg.limit_val_batches),
         log_every_n_steps=int(train_cfg.log_every_n_steps),
         logger=loggers,
-        callbacks=build_callbacks(train_cfg, run_dir, int(config.seed), validate),
+        callbacks=[*build_callbacks(train_cfg, run_dir, int(config.seed), validate), *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         enable_model_summary=True,
@@ -295,12 +310,12 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def _mlflow_logger(config: DictConfig, run_dir: Path) -> MLFlowLogger:
+def _mlflow_logger(config: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = None) -> MLFlowLogger:
     record_path = run_dir / MLFLOW_FILE
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     uri = record.get("tracking_uri") or config.train.tracking_uri or _default_tracking_uri(run_dir)
     logger = MLFlowLogger(experiment_name=config.name, run_name=run_dir.name, tracking_uri=uri,
-                          run_id=record.get("run_id"))
+                          run_id=record.get("run_id"), tags=dict(tags) if tags else None)
     if rank_zero_only.rank == 0:
         record = {"tracking_uri": uri, "experiment_id": logger.experiment_id, "run_id": logger.run_id}
         record_path.write_text(json.dumps(record, indent=2))

@@ -226,6 +226,20 @@ def make_manifest(meta: pd.DataFrame, targets: np.ndarray, labels: Sequence[str]
     return Manifest(pd.concat([frame, label_frame], axis=1), list(labels))
 
 
+#: Folder names that say nothing about the dataset (a split, a config, a generic container).
+GENERIC_FOLDERS = frozenset(
+    {"train", "val", "valid", "validation", "test", "full", "data", "default", "images"}
+)
+
+
+def dataset_name(path: str) -> str:
+    """A folder's dataset name: its own, or its nearest non-generic parent's (``pneumonia/train``)."""
+    parts = [part for part in PurePosixPath(path.rstrip("/")).parts if part not in ("/", "")]
+    while len(parts) > 1 and parts[-1].lower() in GENERIC_FOLDERS:
+        parts.pop()
+    return parts[-1] if parts else ""
+
+
 def source_name(name: str | None, fallback: str) -> str:
     """A short source name usable as a patient-id prefix (letters, digits, ``-_.``)."""
     text = re.sub(r"[^A-Za-z0-9_.-]+", "-", (name or fallback).strip()).strip("-")

@@ -2,7 +2,8 @@
 
 Expected layout, either of::
 
-    root/NORMAL/*.jpeg  root/PNEUMONIA/*.jpeg                 classes only (split left empty)
+    root/NORMAL/*.jpeg  root/PNEUMONIA/*.jpeg                 classes only (split: root's name when it is
+                                                              train/val/test, e.g. pneumonia/train; else "")
     root/train/NORMAL/*.jpeg ... root/test/PNEUMONIA/*.jpeg   split folders (train, val|valid, test)
 
 Images are found recursively inside each class folder (png, jpg, jpeg, dcm, bmp, tif). Hidden folders and
@@ -15,7 +16,7 @@ The patient id is parsed from the file name with ``patient_regex`` (group ``pati
 group, else the whole match); the default reads Kermany names: ``person123_bacteria_456.jpeg`` ->
 ``person123``, ``IM-0115-0001.jpeg`` -> ``IM-0115``, ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``.
 When it does not match, the file stem is the patient. Patient ids are prefixed with ``name`` (default: the
-root folder's name, e.g. ``pneumonia:person123``), which is also the ``source``.
+root folder's name, or its parent's for a split folder, e.g. ``pneumonia:person123``), also the ``source``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pandas as pd
 
 from cxrkit.data import labels as vocab
 from cxrkit.data.adapters import register
-from cxrkit.data.adapters._common import Location, encode_rows, log, make_manifest, source_name
+from cxrkit.data.adapters._common import Location, dataset_name, encode_rows, log, make_manifest, source_name
 from cxrkit.data.manifest import Manifest
 
 #: Kermany et al. file names: person<N>_<bacteria|virus>_<M>, [NORMAL<k>-]IM-<N>-<M>[-<k>].
@@ -46,7 +47,7 @@ def folder(
     """Read a class-per-subfolder image dataset at ``root`` (see the module docstring)."""
     location = Location.of(root)
     location.require_dir("image folder dataset")
-    source = source_name(name, location.name)
+    source = source_name(name, dataset_name(location.root))
     pattern = _compile(patient_regex)
     rows = []
     for split, split_dir in _split_dirs(location):
@@ -88,11 +89,11 @@ def _subfolders(location: Location, folder: str) -> list[str]:
 
 
 def _split_dirs(location: Location) -> list[tuple[str, str]]:
-    """(split, folder) pairs: the split folders when root has any, else ("", root)."""
+    """(split, folder) pairs: the split folders when root has any, else (root's split or "", root)."""
     subfolders = _subfolders(location, location.root)
     splits = [n for n in subfolders if n.lower() in SPLIT_FOLDERS]
     if not splits:
-        return [("", location.root)]
+        return [(SPLIT_FOLDERS.get(location.name.lower(), ""), location.root)]
     ignored = sorted(set(subfolders) - set(splits))
     if ignored:
         log.warning("image folder dataset: ignoring folders beside the split folders: %s", ", ".join(ignored))

@@ -17,13 +17,15 @@ feature, or a string column named ``label``/``labels``. Class names go through t
 labels). Every class of the dataset is annotated for every image; other labels are unknown (NaN).
 
 Images stored as files (imagefolder) keep their path. Images stored inside the dataset are written once
-as PNG files to ``export_dir`` (default ``<root>/_cxrkit_export``, or ``~/.cache/cxrkit/huggingface/<id>``
-for hub ids and URLs), in one folder per split and dataset fingerprint, so the manifest holds file paths.
+as PNG files to ``export_dir``, in one folder per split and dataset fingerprint, so the manifest holds file
+paths. Default: ``<root>/_cxrkit_export`` for ``save_to_disk`` folders; ``~/.cache/cxrkit/huggingface/<id>``
+for hub ids, URLs and other folders (files added inside a folder ``load_dataset`` scans would change it).
 
 Splits: ``train``, ``validation``/``valid``/``val`` -> ``val``, ``test``; other split names -> "".
 Patients: ``patient_column`` when the dataset has one, else parsed from the image's original file name with
 ``patient_regex`` (default: Kermany names, see :mod:`cxrkit.data.adapters.folder`), else each image is its
-own patient. Patient ids are prefixed with ``name`` (default: the folder or hub dataset name).
+own patient. Patient ids are prefixed with ``name`` (default: the folder or hub dataset name, skipping generic
+folder names such as ``full`` or ``train``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 
 from cxrkit.data import labels as vocab
 from cxrkit.data.adapters import register
-from cxrkit.data.adapters._common import encode_rows, log, make_manifest, source_name
+from cxrkit.data.adapters._common import dataset_name, encode_rows, log, make_manifest, source_name
 from cxrkit.data.adapters.folder import KERMANY_PATIENT_REGEX, parse_patient
 from cxrkit.data.manifest import Manifest
 
@@ -75,7 +77,7 @@ def huggingface(
 ) -> Manifest:
     """Read a Hugging Face image-classification dataset (see the module docstring)."""
     splits, default_export = _load(root, config, cache_dir)
-    source = source_name(name, posixpath.basename(root.rstrip("/")))
+    source = source_name(name, dataset_name(root))
     export = Path(export_dir) if export_dir else default_export
     pattern = re.compile(patient_regex)
     to_label = _labeller(class_labels or {})
@@ -115,10 +117,10 @@ def _load(root: str, config: str | None, cache_dir: str | None) -> tuple[dict[st
     try:
         if local.is_dir():
             if _is_saved_to_disk(local):
-                loaded = datasets.load_from_disk(str(local))
-            else:
-                loaded = datasets.load_dataset(str(local), config, cache_dir=cache_dir)
-            return _as_splits(loaded), local / "_cxrkit_export"
+                return _as_splits(datasets.load_from_disk(str(local))), local / "_cxrkit_export"
+            # PNGs written inside a folder that load_dataset scans would change what it finds there
+            loaded = datasets.load_dataset(str(local), config, cache_dir=cache_dir)
+            return _as_splits(loaded), _cache_folder(str(local.resolve()))
         if "://" in root:
             return _as_splits(datasets.load_from_disk(root)), _cache_folder(root)
     except (FileNotFoundError, ValueError) as error:

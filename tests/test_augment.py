@@ -1,0 +1,168 @@
+"""Batched augmentation: shapes, identity, flips, reproducibility, range and geometric conventions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from cxrkit.data.augment import AugmentParams, BatchAugment, affine_grid, affine_matrices, eval_transform
+from cxrkit.data.config import AugmentConfig
+
+STILL = AugmentConfig(
+    crop_size=32,
+    rotation_degrees=0.0,
+    translate_fraction=0.0,
+    scale_range=(1.0, 1.0),
+    crop_area_range=(1.0, 1.0),
+    brightness=0.0,
+    contrast=0.0,
+)
+
+
+def params(batch: int = 1, **overrides) -> AugmentParams:
+    """Parameters of the identity transform, with ``overrides`` (per-sample values broadcast)."""
+    values = {
+        "angle_degrees": torch.zeros(batch),
+        "scale": torch.ones(batch),
+        "translate": torch.zeros(batch, 2),
+        "crop_side": torch.ones(batch),
+        "crop_centre": torch.zeros(batch, 2),
+        "flip": torch.zeros(batch, dtype=torch.bool),
+        "brightness": torch.ones(batch),
+        "contrast": torch.ones(batch),
+    }
+    for name, value in overrides.items():
+        values[name] = torch.as_tensor(value, dtype=values[name].dtype).expand_as(values[name]).clone()
+    return AugmentParams(**values)
+
+
+def dot_image(size: int = 32, row: int = 16, column: int = 24) -> torch.Tensor:
+    image = torch.zeros(1, 1, size, size)
+    image[0, 0, row, column] = 1.0
+    return image
+
+
+def brightest(image: torch.Tensor) -> tuple[int, int]:
+    index = int(image[0, 0].flatten().argmax())
+    return divmod(index, image.shape[-1])
+
+
+def test_output_shape_dtype_and_range() -> None:
+    augment = BatchAugment(AugmentConfig(crop_size=48, brightness=1.0, contrast=1.0), seed=0)
+    images = torch.rand(6, 1, 64, 64)
+    out = augment(images)
+    assert out.shape == (6, 1, 48, 48) and out.dtype == torch.float32
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert not torch.equal(out[0], out[1])  # per-sample parameters
+
+
+def test_identity_when_all_ranges_are_zero() -> None:
+    images = torch.rand(3, 1, 32, 32)
+    out = BatchAugment(STILL, seed=0)(images)
+    torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
+
+
+def test_uint8_input_is_scaled_in_the_same_pass() -> None:
+    images = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    out = BatchAugment(STILL, seed=0)(images)
+    torch.testing.assert_close(out, images.float() / 255, atol=1e-6, rtol=0)
+
+
+def test_horizontal_flip_is_off_by_default() -> None:
+    assert AugmentConfig().horizontal_flip is False
+    draws = BatchAugment(AugmentConfig(), seed=0).sample(512)
+    assert not draws.flip.any()
+
+
+def test_horizontal_flip_when_enabled_mirrors_some_samples() -> None:
+    augment = BatchAugment(dataclasses.replace(STILL, horizontal_flip=True), seed=0)
+    images = torch.rand(1, 1, 32, 32).expand(64, 1, 32, 32).contiguous()
+    out = augment(images)
+    mirrored = torch.flip(images, dims=[-1])
+    is_same = [torch.allclose(o, i, atol=1e-6) for o, i in zip(out, images, strict=True)]
+    is_mirrored = [torch.allclose(o, m, atol=1e-6) for o, m in zip(out, mirrored, strict=True)]
+    assert all(a != b for a, b in zip(is_same, is_mirrored, strict=True))  # exactly one of the two
+    assert 10 < sum(is_mirrored) < 54
+
+
+def test_reproducible_with_a_seed_or_generator() -> None:
+    images = torch.rand(4, 1, 40, 40)
+    cfg = AugmentConfig(crop_size=32)
+    torch.testing.assert_close(BatchAugment(cfg, seed=7)(images), BatchAugment(cfg, seed=7)(images))
+    assert not torch.allclose(BatchAugment(cfg, seed=7)(images), BatchAugment(cfg, seed=8)(images))
+    augment = BatchAugment(cfg, seed=1)
+    first = augment(images, generator=torch.Generator().manual_seed(3))
+    second = augment(images, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, second)
+    augment.reseed(7)
+    torch.testing.assert_close(augment(images), BatchAugment(cfg, seed=7)(images))
+
+
+def test_rotation_turns_content_counter_clockwise() -> None:
+    augment = BatchAugment(STILL)
+    image = dot_image(row=16, column=24)  # right of the centre (15.5, 15.5)
+    rotated = augment.apply(image, params(angle_degrees=90.0))
+    assert brightest(rotated) == (7, 16)  # now above the centre: counter-clockwise as displayed
+    pattern = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(augment.apply(pattern, params(angle_degrees=90.0)), TF.rotate(pattern, 90.0))
+
+
+def test_translation_and_scale_move_a_known_point() -> None:
+    augment = BatchAugment(STILL)
+    image = dot_image(row=16, column=24)
+    shifted = augment.apply(image, params(translate=[[0.25, -0.125]]))  # fractions of the side x 2
+    assert brightest(shifted) == (16 - 2, 24 + 4)
+    odd = BatchAugment(dataclasses.replace(STILL, crop_size=33))  # centre pixel (16, 16)
+    zoomed = odd.apply(dot_image(size=33, row=19, column=23), params(scale=2.0))  # 3 and 7 px from centre
+    assert brightest(zoomed) == (16 + 6, 16 + 14)
+
+
+def test_crop_window_reads_the_expected_region() -> None:
+    augment = BatchAugment(dataclasses.replace(STILL, crop_size=16))
+    image = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32) / (32 * 32)
+    # a half-side window centred on the top-left quadrant at full resolution is exactly that quadrant
+    out = augment.apply(
+        image, params(crop_side=0.5, crop_centre=[[-0.5, -0.5]], brightness=1.0, contrast=1.0)
+    )
+    torch.testing.assert_close(out, image[..., :16, :16], atol=1e-6, rtol=0)
+
+
+def test_separable_grid_equals_affine_grid() -> None:
+    draws = BatchAugment(AugmentConfig(horizontal_flip=True), seed=0).sample(8)
+    theta = affine_matrices(draws)
+    expected = F.affine_grid(theta, (8, 1, 24, 24), align_corners=False)
+    torch.testing.assert_close(affine_grid(theta, 24), expected, atol=1e-6, rtol=0)
+
+
+def test_eval_transform() -> None:
+    images = torch.rand(2, 1, 40, 40)
+    assert eval_transform(images, 40) is images
+    assert eval_transform(images, 32).shape == (2, 1, 32, 32)
+    torch.testing.assert_close(eval_transform(images, 32, "center_crop"), images[..., 4:36, 4:36])
+    flat = torch.full((1, 1, 40, 40), 0.25)
+    torch.testing.assert_close(eval_transform(flat, 20), torch.full((1, 1, 20, 20), 0.25))
+    with pytest.raises(ValueError, match="mode"):
+        eval_transform(images, 32, "pad")
+
+
+def test_bad_inputs_and_config_are_refused() -> None:
+    augment = BatchAugment(AugmentConfig())
+    with pytest.raises(ValueError, match="square"):
+        augment(torch.rand(2, 1, 32, 30))
+    with pytest.raises(TypeError, match="float"):
+        eval_transform(torch.zeros(1, 1, 8, 8, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="crop_area_range"):
+        BatchAugment(AugmentConfig(crop_area_range=(0.5, 1.5)))
+    with pytest.raises(ValueError, match="brightness"):
+        BatchAugment(AugmentConfig(brightness=2.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_the_batch_device() -> None:
+    images = torch.rand(4, 1, 64, 64, device="cuda")
+    out = BatchAugment(AugmentConfig(crop_size=32), seed=0)(images)
+    assert out.device == images.device and out.shape == (4, 1, 32, 32)
