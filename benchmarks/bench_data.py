@@ -3,8 +3,10 @@
 (a) naive: per item, decode a 1024² NIH PNG, resize it to the cache size and augment it (batch of one).
 (b) cache: the CXRDataModule train loader over a cache of the NIH sample (batch 32, augmentation on,
     no loader workers) with the batched augmentation applied as ``on_after_batch_transfer`` does.
-Both run in this process with ``torch.set_num_threads(1)``; "per core" rates divide by the process CPU time,
-so they hold on a busy machine too (wall-clock rates are reported beside them). ``prepare`` runs in a
+Both run in this process with ``torch.set_num_threads(1)``; "per core" rates divide by the process CPU time
+(wall-clock rates are reported beside them). On a shared machine other processes still slow the CPU work
+(shared caches, SMT siblings), so the rate of the median batch is reported too: it is the robust figure.
+``prepare`` runs in a
 subprocess whose peak resident memory (its process tree summed, sampled every 20 ms) is reported.
 
 Targets (issue): (b) >= 1,500 images/s per core and >= 15x (a).
@@ -103,26 +105,16 @@ def _tree_rss(root: psutil.Process) -> int:
     return total
 
 
-class Clock:
-    """Wall and process-CPU time of a block."""
-
-    def __enter__(self) -> Clock:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
 def bench_naive(paths: list[str], n_images: int, cfg: DataConfig, seed: int) -> dict:
     augment = BatchAugment(cfg.augment, seed=seed)
     size = cfg.cache.image_size
-    with Clock() as clock:
-        for i in range(n_images):
+    timer = BatchTimer()
+    for i in range(n_images):
+        with timer.batch(1):
             image = read_image(paths[i % len(paths)])
             resized = Geometry.fit(*image.shape, size, cfg.cache.resize_policy).apply(image)
             augment(to_unit_float(torch.from_numpy(resized)[None, None]))
-    return _rates(n_images, clock)
+    return timer.rates()
 
 
 def bench_cache(cache_dir: Path, n_images: int, cfg: DataConfig, seed: int) -> dict:
@@ -131,25 +123,57 @@ def bench_cache(cache_dir: Path, n_images: int, cfg: DataConfig, seed: int) -> d
     loader = module.train_dataloader()
     for batch in loader:  # warm-up: page cache, allocator
         module.train_transform(batch)
-    seen, epoch = 0, 0
-    with Clock() as clock:
-        while seen < n_images:
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                images, _ = module.train_transform(batch)
-                seen += images.shape[0]
-            epoch += 1
-    return _rates(seen, clock)
+    timer = BatchTimer()
+    epoch = 0
+    while timer.images < n_images:
+        loader.sampler.set_epoch(epoch)
+        batches = iter(loader)
+        while True:
+            with timer.batch(cfg.loader.batch_size):
+                batch = next(batches, None)
+                if batch is not None:
+                    module.train_transform(batch)  # what on_after_batch_transfer does while training
+            if batch is None:
+                timer.discard_last()
+                break
+        epoch += 1
+    return timer.rates()
 
 
-def _rates(n_images: int, clock: Clock) -> dict:
-    return {
-        "images": n_images,
-        "images_per_s_per_core": round(n_images / clock.cpu, 1),
-        "images_per_s_wall": round(n_images / clock.wall, 1),
-        "cpu_seconds": round(clock.cpu, 3),
-        "wall_seconds": round(clock.wall, 3),
-    }
+class BatchTimer:
+    """Process-CPU and wall time of each batch (or item) of a loop."""
+
+    def __init__(self) -> None:
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+        self.sizes: list[int] = []
+
+    @property
+    def images(self) -> int:
+        return sum(self.sizes)
+
+    @contextlib.contextmanager
+    def batch(self, size: int):
+        cpu, wall = time.process_time(), time.perf_counter()
+        yield
+        self.cpu.append(time.process_time() - cpu)
+        self.wall.append(time.perf_counter() - wall)
+        self.sizes.append(size)
+
+    def discard_last(self) -> None:
+        for values in (self.cpu, self.wall, self.sizes):
+            values.pop()
+
+    def rates(self) -> dict:
+        """Images/s per core from the total CPU time and from the median batch, and wall-clock."""
+        cpu, sizes = np.array(self.cpu), np.array(self.sizes)
+        return {
+            "images": self.images,
+            "images_per_s_per_core": round(float(sizes.sum() / cpu.sum()), 1),
+            "images_per_s_per_core_median_batch": round(float(np.median(sizes / cpu)), 1),
+            "images_per_s_wall": round(float(sizes.sum() / sum(self.wall)), 1),
+            "cpu_seconds": round(float(cpu.sum()), 3),
+        }
 
 
 def main() -> None:
@@ -175,6 +199,7 @@ def main() -> None:
         cache = bench_cache(cache_dir, args.cache_images, cfg, args.seed)
     naive = bench_naive(manifest.frame["path"].tolist(), args.naive_images, cfg, args.seed)
     ratio = cache["images_per_s_per_core"] / naive["images_per_s_per_core"]
+    ratio_median = cache["images_per_s_per_core_median_batch"] / naive["images_per_s_per_core_median_batch"]
     result = {
         "dataset": f"NIH sample ({len(manifest)} images, 1024x1024 PNG)",
         "image_size": cfg.cache.image_size,
@@ -186,9 +211,13 @@ def main() -> None:
         "naive": naive,
         "cache": cache,
         "speedup_cache_over_naive": round(ratio, 1),
+        "speedup_cache_over_naive_median": round(ratio_median, 1),
         "prepare": prepare,
         "targets": {"cache_images_per_s_per_core": 1500, "speedup": 15},
-        "targets_met": bool(cache["images_per_s_per_core"] >= 1500 and ratio >= 15),
+        "targets_met_total_cpu": bool(cache["images_per_s_per_core"] >= 1500 and ratio >= 15),
+        "targets_met_median_batch": bool(
+            cache["images_per_s_per_core_median_batch"] >= 1500 and ratio_median >= 15
+        ),
     }
     print(json.dumps(result, indent=2))
 

@@ -33,7 +33,9 @@ def build_model(arch: str) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="densenet121")
     parser.add_argument("--method", default="gradcam")
     parser.add_argument("--size", type=int, default=224)
@@ -57,23 +59,28 @@ def main() -> None:
         cpu.append(time.process_time() - start_cpu)
     maps = args.batch * args.k
     best_wall, best_cpu = min(wall), min(cpu)
-    print(json.dumps({
-        "benchmark": "gradcam_cpu",
-        "arch": args.arch,
-        "method": result.method,
-        "target_layer": result.target_layer,
-        "input": [args.batch, 1, args.size, args.size],
-        "targets_per_image": args.k,
-        "repeats": args.repeats,
-        "threads": torch.get_num_threads(),
-        "seconds_per_batch_best": round(best_wall, 4),
-        "seconds_per_batch_median": round(sorted(wall)[len(wall) // 2], 4),
-        "images_per_s": round(args.batch / best_wall, 2),
-        "heatmaps_per_s": round(maps / best_wall, 2),
-        "images_per_cpu_s": round(args.batch / best_cpu, 2),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "gradcam_cpu",
+                "arch": args.arch,
+                "method": result.method,
+                "target_layer": result.target_layer,
+                "input": [args.batch, 1, args.size, args.size],
+                "targets_per_image": args.k,
+                "repeats": args.repeats,
+                "threads": torch.get_num_threads(),
+                "seconds_per_batch_best": round(best_wall, 4),
+                "seconds_per_batch_median": round(sorted(wall)[len(wall) // 2], 4),
+                "images_per_s": round(args.batch / best_wall, 2),
+                "heatmaps_per_s": round(maps / best_wall, 2),
+                "images_per_cpu_s": round(args.batch / best_cpu, 2),
+                "torch": torch.__version__,
+                "cpu": platform.processor() or platform.machine(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -127,5 +127,6 @@ def test_dicom_is_previewed_and_bad_files_show_the_error(browser, server, shared
     while "error" not in status.get_attribute("class"):
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert "broken.png" in status.text and "truncated" in status.text
+    assert status.text.count("broken.png") == 1 and "truncated" in status.text
+    assert not browser.find_element(By.ID, "viewer").is_displayed()  # no stale image next to the error
     browser.save_screenshot(str(tmp_path / "error.png"))

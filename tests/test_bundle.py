@@ -239,6 +239,17 @@ def test_tampered_or_foreign_bundles_are_refused(exported: Path, tmp_path: Path)
         Bundle.load(tmp_path / "text.cxr")
 
 
+def test_export_with_onnx_and_quantisation_gate(run, tmp_path: Path) -> None:
+    bundle = export_run(run[0], tmp_path / "q.cxr", thresholds_path=_thresholds_file(tmp_path), quantize=True)
+    report = bundle.quantization
+    assert bundle.onnx is not None and bundle.onnx_parity < 1e-4
+    assert report["n_images"] == 12 and report["max_drop"] == 0.005
+    assert report["accepted"] is (report["auroc_fp32"] - report["auroc_int8"] < 0.005)
+    assert (bundle.onnx_int8 is not None) is report["accepted"]
+    stored = Bundle.load(tmp_path / "q.cxr")
+    assert stored.quantization == report and stored.onnx == bundle.onnx
+
+
 def test_cli_export(run, tmp_path: Path) -> None:
     out = tmp_path / "cli.cxr"
     result = CliRunner().invoke(cli, ["export", str(run[0]), "--out", str(out), "--thresholds",
@@ -248,3 +259,35 @@ def test_cli_export(run, tmp_path: Path) -> None:
     assert Bundle.load(out).version == "7"
     missing = CliRunner().invoke(cli, ["export", str(run[0]), "--out", str(out), "--checkpoint", "nope.ckpt"])
     assert missing.exit_code != 0 and "checkpoint not found" in missing.output
+
+
+@pytest.mark.slow
+def test_real_training_run_exports_and_predicts_like_validation(table_csv: Path, tmp_path: Path) -> None:
+    """`cxr train` (one epoch, EMA) → `cxr export --format onnx` → Predictor on the raw validation files:
+    the mean AUROC must equal the one Lightning logged on the cached validation split."""
+    from cxrkit.evaluation.metrics import auroc
+    from cxrkit.inference.predictor import Predictor
+    from cxrkit.training.run import train
+
+    spec = {
+        "name": "e2e", "output_dir": str(tmp_path / "run"),
+        "data": {"sources": [{"adapter": "table", "root": str(table_csv),
+                              "options": {"split_column": "split", "patient_column": "patient"}}],
+                 "labels": LABELS, "no_finding": "zeros",
+                 "cache": {"dir": str(tmp_path / "cache"), "image_size": 80, "workers": 1},
+                 "augment": {"crop_size": 64}, "loader": {"batch_size": 4}},
+        "model": {"arch": "resnet18", "pretrained": {"source": "none"}},
+        "train": {"max_epochs": 1, "loggers": ["csv"], "ema_decay": 0.9},
+    }
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))
+    run_dir = train(load_config(tmp_path / "spec.yaml"))
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "m.cxr"), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    predictor = Predictor.from_bundle(tmp_path / "m.cxr")
+    assert predictor.backend == "onnx" and predictor.bundle.provenance["ema_weights"]
+    table = pd.read_csv(table_csv)
+    val = table[table["split"] == "val"]
+    scores = [r.probabilities for r in predictor.predict(val["path"].tolist())]
+    aurocs = [auroc(val[label].to_numpy(float), np.array([s[label] for s in scores])) for label in LABELS]
+    logged = pd.read_csv(run_dir / "metrics.csv")["val/auroc_mean"].dropna().iloc[-1]
+    assert np.mean(aurocs) == pytest.approx(logged, abs=1e-6)

@@ -1,4 +1,4 @@
-"""Distributed data parallel on CPU: `cxr train` with two gloo processes, a frozen stage and synced metrics."""
+"""DDP on CPU: `cxr train` with two gloo processes, a frozen stage and metrics synced across them."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from lightning.pytorch import seed_everything
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import make_folder_dataset, write_cli_config  # noqa: E402
-
-from cxrkit.config import load_config  # noqa: E402
-from cxrkit.data.dataset import CXRDataModule  # noqa: E402
-from cxrkit.models.factory import create_model  # noqa: E402
+from cxrkit.config import load_config
+from cxrkit.data.dataset import CXRDataModule
+from cxrkit.models.factory import create_model
+from test_training import make_folder_dataset, write_cli_config
 
 CXR = Path(sys.executable).with_name("cxr")
 
@@ -28,13 +27,29 @@ CXR = Path(sys.executable).with_name("cxr")
 def test_ddp_two_cpu_processes_train_one_epoch(tmp_path):
     data_root = make_folder_dataset(tmp_path / "pneumonia")
     stage = {"name": "layer4+head", "trainable": ["backbone.layer4.*", "head.*"], "epochs": 1}
-    config_path = write_cli_config(tmp_path, data_root, name="ddp", stages=[stage], strategy="ddp", devices="2",
-                                   scheduler={"name": "none"})
+    config_path = write_cli_config(
+        tmp_path,
+        data_root,
+        name="ddp",
+        stages=[stage],
+        strategy="ddp",
+        devices="2",
+        scheduler={"name": "none"},
+    )
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(CXR), "train", "-c", str(config_path), "data.loader.batch_size=4"],
-                            capture_output=True, text=True, timeout=300, env=environment, cwd=tmp_path)
+    result = subprocess.run(
+        [str(CXR), "train", "-c", str(config_path), "data.loader.batch_size=4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "distributed_backend=gloo" in result.stderr and "All distributed processes registered" in result.stderr
+    assert (
+        "distributed_backend=gloo" in result.stderr
+        and "All distributed processes registered" in result.stderr
+    )
 
     run_dir = tmp_path / "runs" / "ddp"
     config = load_config(run_dir / "config.yaml")
@@ -47,7 +62,7 @@ def test_ddp_two_cpu_processes_train_one_epoch(tmp_path):
     # the frozen part (stem, layer1-3, their BatchNorm statistics) is unchanged; layer4 and the head trained
     seed_everything(int(config.seed))
     initial = create_model(config.model, 1).state_dict()
-    final = {key[len("model."):]: value for key, value in last["state_dict"].items()}
+    final = {key[len("model.") :]: value for key, value in last["state_dict"].items()}
     for name, value in initial.items():
         if name.startswith("backbone.layer4") or name.startswith("head"):
             continue
@@ -56,8 +71,12 @@ def test_ddp_two_cpu_processes_train_one_epoch(tmp_path):
 
     # the logged validation AUROC covers the whole validation split, gathered from both processes
     model = create_model(config.model, 1)
-    model.load_state_dict({k[len("model."):]: v for k, v in torch.load(
-        run_dir / "checkpoints/best.ckpt", weights_only=True)["state_dict"].items()})
+    model.load_state_dict(
+        {
+            k[len("model.") :]: v
+            for k, v in torch.load(run_dir / "checkpoints/best.ckpt", weights_only=True)["state_dict"].items()
+        }
+    )
     val = datamodule.dataset("val")
     images, targets = datamodule.eval_batch_transform(val.batch(np.arange(len(val))))
     with torch.no_grad():

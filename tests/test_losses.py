@@ -64,7 +64,9 @@ def test_unknown_targets_are_ignored(name):
 @pytest.mark.parametrize("name", ["bce", "weighted_bce", "focal"])
 def test_batch_without_known_targets_gives_zero_with_grad(name):
     logits = torch.randn(4, 3, requires_grad=True)
-    loss = build_loss(_loss_cfg(name=name), label_frequencies=[0.2, 0.5, 0.9])(logits, torch.full((4, 3), NAN))
+    loss = build_loss(_loss_cfg(name=name), label_frequencies=[0.2, 0.5, 0.9])(
+        logits, torch.full((4, 3), NAN)
+    )
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
@@ -132,7 +134,7 @@ def test_cross_entropy_with_indices_and_one_hot():
 
 
 def test_unknown_loss_name_is_an_error():
-    with pytest.raises(ValueError, match="train.loss.name"):
+    with pytest.raises(ValueError, match=r"train\.loss\.name"):
         build_loss(_loss_cfg(name="dice"))
 
 

@@ -1,4 +1,4 @@
-"""Exact resume: a training killed with SIGKILL mid-epoch and resumed ends exactly like an uninterrupted one."""
+"""Exact resume: a training killed with SIGKILL mid-epoch, then resumed, ends like an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -18,23 +18,36 @@ from cxrkit.config import load_config
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from test_training import SyntheticDataModule, TinyNet, epoch_table  # noqa: E402
-
 from cxrkit.training import run  # noqa: E402
+from test_training import (  # noqa: E402
+    SyntheticDataModule,
+    TinyNet,
+    epoch_table,
+    invoke,
+    make_folder_dataset,
+    write_cli_config,
+)
 
 SCENARIOS = {
     # cosine schedule, EMA, dropout, augmentation, class weights and a stage switch at the resumed epoch
     "cosine-ema-stages": [
-        "train.scheduler.name=cosine", "train.scheduler.warmup_epochs=0.5", "train.ema_decay=0.8",
+        "train.scheduler.name=cosine",
+        "train.scheduler.warmup_epochs=0.5",
+        "train.ema_decay=0.8",
         "train.loss.name=weighted_bce",
         'train.stages=[{name: head, trainable: ["head.*"], epochs: 2, lr: 0.02},'
         ' {name: all, trainable: ["*"], epochs: 2, lr: 0.01, loss: {name: focal}}]',
     ],
     # reduce-on-plateau with patience 0 (its state must come back) and early stopping state
     "plateau-earlystop": [
-        "train.scheduler.name=plateau", "train.scheduler.patience=0", "train.scheduler.factor=0.5",
-        "train.monitor=val/loss", "train.early_stopping_patience=3", "train.max_epochs=4",
-        "train.optimizer.name=sgd", "train.optimizer.weight_decay=0.001",
+        "train.scheduler.name=plateau",
+        "train.scheduler.patience=0",
+        "train.scheduler.factor=0.5",
+        "train.monitor=val/loss",
+        "train.early_stopping_patience=3",
+        "train.max_epochs=4",
+        "train.optimizer.name=sgd",
+        "train.optimizer.weight_decay=0.001",
     ],
 }
 KILL_EPOCH, KILL_BATCH = 2, 2
@@ -71,22 +84,37 @@ run.fit(config, PausingDataModule(sys.argv[1], seed=int(config.seed)), TinyNet, 
 
 
 def _config(run_dir: Path, scenario: str) -> list[str]:
-    return [f"output_dir={run_dir}", "name=resume", "seed=3", "train.max_epochs=4", "train.loggers=[csv]",
-            "train.accelerator=cpu", "train.devices=1", "train.log_every_n_steps=1", "train.optimizer.lr=0.02",
-            *SCENARIOS[scenario]]
+    return [
+        f"output_dir={run_dir}",
+        "name=resume",
+        "seed=3",
+        "train.max_epochs=4",
+        "train.loggers=[csv]",
+        "train.accelerator=cpu",
+        "train.devices=1",
+        "train.log_every_n_steps=1",
+        "train.optimizer.lr=0.02",
+        *SCENARIOS[scenario],
+    ]
 
 
 def _train_until_killed(tmp_path: Path, overrides: list[str]) -> None:
     script = tmp_path / "train_then_pause.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(TESTS), epoch=KILL_EPOCH, batch=KILL_BATCH)))
     marker = tmp_path / "reached"
-    process = subprocess.Popen([sys.executable, str(script), str(marker), *overrides],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(marker), *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
             if process.poll() is not None:
-                raise AssertionError(f"training exited early ({process.returncode}):\n{process.stderr.read()}")
+                raise AssertionError(
+                    f"training exited early ({process.returncode}):\n{process.stderr.read()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError("training did not reach the kill point in time")
             time.sleep(0.2)
@@ -141,7 +169,61 @@ def _assert_identical(resumed, reference, where: str) -> None:
         assert resumed == reference, f"{where}: {resumed!r} != {reference!r}"
 
 
+@pytest.mark.slow
+def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """`cxr train` on an image folder, SIGKILL as soon as the first last.ckpt exists, `cxr train --resume`."""
+    data_root = make_folder_dataset(tmp_path / "pneumonia", per_class=40)
+    train = {"max_epochs": 3, "ema_decay": 0.7, "loss": {"name": "weighted_bce"}}
+    reference_config = write_cli_config(tmp_path, data_root, name="reference", **train)
+    killed_config = write_cli_config(tmp_path, data_root, name="killed", **train)
+    invoke("train", "-c", str(reference_config), "data.loader.batch_size=4")
+    reference_dir, killed_dir = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
+
+    last = killed_dir / "checkpoints" / "last.ckpt"
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("cxr")),
+            "train",
+            "-c",
+            str(killed_config),
+            "data.loader.batch_size=4",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists():
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"training exited early ({process.returncode}):\n{process.stderr.read()}"
+                )
+            assert time.monotonic() < deadline, "no last.ckpt in time"
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert torch.load(last, weights_only=True)["epoch"] < 3, (
+        "the run must have been killed before it finished"
+    )
+
+    invoke("train", "--resume", str(killed_dir))
+    pd.testing.assert_frame_equal(epoch_table(killed_dir), epoch_table(reference_dir))
+    for name in ("last", "best"):
+        resumed = torch.load(killed_dir / f"checkpoints/{name}.ckpt", weights_only=True)
+        reference = torch.load(reference_dir / f"checkpoints/{name}.ckpt", weights_only=True)
+        _assert_identical(resumed["state_dict"], reference["state_dict"], f"{name}.ckpt state_dict")
+        _assert_identical(
+            resumed["optimizer_states"], reference["optimizer_states"], f"{name}.ckpt optimizer"
+        )
+
+
 def test_resume_needs_a_checkpoint(tmp_path):
     config = load_config(None, _config(tmp_path / "empty", "plateau-earlystop"))
-    with pytest.raises(FileNotFoundError, match="last.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"last\.ckpt"):
         run.fit(config, SyntheticDataModule(), TinyNet, tmp_path / "empty", resume=True)

@@ -8,6 +8,7 @@ The synthetic data module follows the contract of :class:`cxrkit.data.dataset.CX
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -35,7 +36,7 @@ LABELS = ["Effusion", "Nodule", "Pneumothorax", "No Finding"]
 IMAGE_SIZE = 16
 
 
-# ---- synthetic data and network ------------------------------------------------------------------------------
+# ---- synthetic data and network ----------------------------------------------------------------------------
 def synthetic_split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images whose quadrant k is brighter when finding k is present; some targets unknown (NaN)."""
     generator = torch.Generator().manual_seed(seed)
@@ -68,12 +69,17 @@ class EpochShuffle(Sampler[int]):
 
 
 class SyntheticDataModule(LightningDataModule):
-    def __init__(self, n_train: int = 64, n_val: int = 32, n_test: int = 32, batch_size: int = 16, seed: int = 0):
+    def __init__(
+        self, n_train: int = 64, n_val: int = 32, n_test: int = 32, batch_size: int = 16, seed: int = 0
+    ):
         super().__init__()
         self.labels = list(LABELS)
         self.batch_size, self.seed = batch_size, seed
-        self.splits = {"train": synthetic_split(n_train, 1), "val": synthetic_split(n_val, 2),
-                       "test": synthetic_split(n_test, 3)}
+        self.splits = {
+            "train": synthetic_split(n_train, 1),
+            "val": synthetic_split(n_val, 2),
+            "test": synthetic_split(n_test, 3),
+        }
 
     def train_label_frequencies(self) -> np.ndarray:
         targets = self.splits["train"][1].numpy()
@@ -92,7 +98,9 @@ class SyntheticDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, targets = batch
         if self.trainer is not None and self.trainer.training:  # random noise + brightness, global RNG
-            images = images + 0.05 * torch.randn_like(images) + 0.05 * (torch.rand(len(images), 1, 1, 1) - 0.5)
+            images = (
+                images + 0.05 * torch.randn_like(images) + 0.05 * (torch.rand(len(images), 1, 1, 1) - 0.5)
+            )
         return images.clamp(0, 1), targets
 
 
@@ -102,11 +110,22 @@ class TinyNet(nn.Module):
     def __init__(self, num_labels: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.backbone = nn.Sequential()
-        self.backbone.add_module("stem", nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
-        self.backbone.add_module("layer1", nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2),
-                                                         nn.BatchNorm2d(8), nn.ReLU()))
-        self.backbone.add_module("layer2", nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
-                                                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten()))
+        self.backbone.add_module(
+            "stem", nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        )
+        self.backbone.add_module(
+            "layer1", nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8), nn.ReLU())
+        )
+        self.backbone.add_module(
+            "layer2",
+            nn.Sequential(
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.BatchNorm2d(8),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(2),
+                nn.Flatten(),
+            ),
+        )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(32, num_labels))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -114,15 +133,29 @@ class TinyNet(nn.Module):
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
-    base = [f"output_dir={tmp_path / 'run'}", "name=synthetic", "seed=7", "train.max_epochs=2",
-            "train.loggers=[csv]", "train.accelerator=cpu", "train.devices=1", "train.log_every_n_steps=1",
-            "train.optimizer.lr=0.01", "train.scheduler.name=cosine"]
+    base = [
+        f"output_dir={tmp_path / 'run'}",
+        "name=synthetic",
+        "seed=7",
+        "train.max_epochs=2",
+        "train.loggers=[csv]",
+        "train.accelerator=cpu",
+        "train.devices=1",
+        "train.log_every_n_steps=1",
+        "train.optimizer.lr=0.01",
+        "train.scheduler.name=cosine",
+    ]
     return load_config(None, [*base, *overrides])
 
 
 def fit_synthetic(config, run_dir: Path | None = None, resume: bool = False, **data_kwargs) -> Path:
-    return run.fit(config, SyntheticDataModule(seed=int(config.seed), **data_kwargs), TinyNet,
-                   run_dir or Path(config.output_dir), resume=resume)
+    return run.fit(
+        config,
+        SyntheticDataModule(seed=int(config.seed), **data_kwargs),
+        TinyNet,
+        run_dir or Path(config.output_dir),
+        resume=resume,
+    )
 
 
 def epoch_table(run_dir: Path) -> pd.DataFrame:
@@ -142,13 +175,15 @@ def make_folder_dataset(root: Path, per_class: int = 24, size: int = 40, seed: i
             if label == "PNEUMONIA":
                 y, x = rng.integers(size // 2, size - 10), rng.integers(2, size - 12)
                 pixels[y : y + 8, x : x + 10] = 230
-            name = f"person{index}_bacteria_{index}.png" if label == "PNEUMONIA" else f"IM-{index:04d}-0001.png"
+            name = (
+                f"person{index}_bacteria_{index}.png" if label == "PNEUMONIA" else f"IM-{index:04d}-0001.png"
+            )
             Image.fromarray(pixels, mode="L").save(root / label / name)
     return root
 
 
 def write_cli_config(tmp_path: Path, data_root: Path, name: str = "e2e", **train: object) -> Path:
-    """A complete YAML config for ``cxr train`` on :func:`make_folder_dataset` with timm's tiny test ResNet."""
+    """A complete ``cxr train`` YAML config for :func:`make_folder_dataset` with timm's tiny test ResNet."""
     config = {
         "name": name,
         "seed": 5,
@@ -162,9 +197,16 @@ def write_cli_config(tmp_path: Path, data_root: Path, name: str = "e2e", **train
             "loader": {"batch_size": 8},
         },
         "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
-        "train": {"max_epochs": 2, "loggers": ["csv"], "accelerator": "cpu", "devices": "1",
-                  "log_every_n_steps": 1, "optimizer": {"name": "adamw", "lr": 0.003},
-                  "scheduler": {"name": "cosine", "warmup_epochs": 0.5}, **train},
+        "train": {
+            "max_epochs": 2,
+            "loggers": ["csv"],
+            "accelerator": "cpu",
+            "devices": "1",
+            "log_every_n_steps": 1,
+            "optimizer": {"name": "adamw", "lr": 0.003},
+            "scheduler": {"name": "cosine", "warmup_epochs": 0.5},
+            **train,
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -177,7 +219,7 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-# ---- tests ---------------------------------------------------------------------------------------------------
+# ---- tests ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cli_train_and_test_on_an_image_folder(tmp_path):
     data_root = make_folder_dataset(tmp_path / "pneumonia")
@@ -186,8 +228,15 @@ def test_cli_train_and_test_on_an_image_folder(tmp_path):
     run_dir = tmp_path / "runs" / "e2e"
     assert f"run directory: {run_dir}" in output
 
-    for name in ("config.yaml", "labels.json", "metrics.csv", "training_curves.png", "mlflow.json",
-                 "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+    for name in (
+        "config.yaml",
+        "labels.json",
+        "metrics.csv",
+        "training_curves.png",
+        "mlflow.json",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+    ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "labels.json").read_text()) == ["Pneumonia"]
     record = json.loads((run_dir / "mlflow.json").read_text())
@@ -221,8 +270,14 @@ def test_training_writes_every_run_artefact(tmp_path):
     config = tiny_config(tmp_path, "train.max_epochs=3", "train.loss.name=weighted_bce")
     run_dir = fit_synthetic(config)
 
-    for name in ("config.yaml", "labels.json", "metrics.csv", "training_curves.png", "checkpoints/best.ckpt",
-                 "checkpoints/last.ckpt"):
+    for name in (
+        "config.yaml",
+        "labels.json",
+        "metrics.csv",
+        "training_curves.png",
+        "checkpoints/best.ckpt",
+        "checkpoints/last.ckpt",
+    ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "labels.json").read_text()) == LABELS
     assert load_config(run_dir / "config.yaml").train.loss.name == "weighted_bce"
@@ -264,9 +319,11 @@ def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_staged_fine_tuning_freezes_and_switches(tmp_path):
-    stages = ('train.stages=[{name: head, trainable: ["head.*"], epochs: 1, lr: 0.05},'
-              '{name: layer2, trainable: ["backbone.layer2.*", "head.*"], epochs: 1, lr: 0.01,'
-              ' loss: {name: focal, gamma: 2.0}}]')
+    stages = (
+        'train.stages=[{name: head, trainable: ["head.*"], epochs: 1, lr: 0.05},'
+        '{name: layer2, trainable: ["backbone.layer2.*", "head.*"], epochs: 1, lr: 0.01,'
+        " loss: {name: focal, gamma: 2.0}}]"
+    )
     config = tiny_config(tmp_path, stages, "train.scheduler.name=none", "train.max_epochs=99")
     snapshots = {}
 
@@ -278,7 +335,7 @@ def test_staged_fine_tuning_freezes_and_switches(tmp_path):
     run_dir = run.fit(config, SyntheticDataModule(seed=7), build, config.output_dir)
     ckpt = torch.load(Path(run_dir) / "checkpoints/last.ckpt", weights_only=False)
     assert ckpt["epoch"] == 2, "total epochs = sum of stage epochs (max_epochs ignored)"
-    final = {name[len("model."):]: value for name, value in ckpt["state_dict"].items()}
+    final = {name[len("model.") :]: value for name, value in ckpt["state_dict"].items()}
     init = snapshots["init"]
     # stem and layer1 never train (weights and BatchNorm statistics frozen); layer2 trains in stage 2 only
     for name in init:
@@ -307,21 +364,24 @@ def test_stage_patterns_express_resnet_schedules():
     assert not any(p.requires_grad for n, p in resnet18.named_parameters() if n.startswith("backbone.layer3"))
 
     resnet50 = _resnet("resnet50")
-    five = ('train.stages=[{trainable: ["head.*"], epochs: 2}, {trainable: ["backbone.layer4.*", "head.*"]},'
-            '{trainable: ["backbone.layer[34].*", "head.*"]}, {trainable: ["backbone.layer[234].*", "head.*"]},'
-            '{trainable: ["*"], epochs: 3}]')
+    five = (
+        'train.stages=[{trainable: ["head.*"], epochs: 2}, {trainable: ["backbone.layer4.*", "head.*"]},'
+        '{trainable: ["backbone.layer[34].*", "head.*"]}, {trainable: ["backbone.layer[234].*", "head.*"]},'
+        '{trainable: ["*"], epochs: 3}]'
+    )
     stages = resolve_stages(load_config(None, [five]).train)
     assert [s.start_epoch for s in stages] == [0, 2, 3, 4, 5] and stages[-1].end_epoch == 8
     counts = []
     for epoch in range(8):
-        trainable, frozen = apply_stage(resnet50, stage_at(stages, epoch))
+        trainable, _ = apply_stage(resnet50, stage_at(stages, epoch))
         counts.append(trainable)
     assert counts[0] == counts[1] < counts[2] < counts[3] < counts[4] < counts[5] == counts[7]
     assert counts[5] == sum(p.numel() for p in resnet50.parameters())
 
     with pytest.raises(ValueError, match="matches no parameter"):
-        apply_stage(resnet50, resolve_stages(load_config(None, ['train.stages=[{trainable: ["layer4.*"]}]'])
-                                             .train)[0])
+        apply_stage(
+            resnet50, resolve_stages(load_config(None, ['train.stages=[{trainable: ["layer4.*"]}]']).train)[0]
+        )
 
 
 def test_cosine_and_onecycle_schedules_restart_per_stage():
@@ -329,7 +389,7 @@ def test_cosine_and_onecycle_schedules_restart_per_stage():
     values = [cosine(step) for step in range(20)]
     assert values[0] < values[1] < values[2] == pytest.approx(1.0)
     assert values[9] < 0.05 and values[12] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(values[2:10], values[3:10], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values[2:10]))
     onecycle = StagedLRLambda("onecycle", 1.0, [1.0], [100], [0])
     curve = [onecycle(step) for step in range(100)]
     assert curve[0] == pytest.approx(1 / 25) and max(curve) == pytest.approx(1.0, rel=1e-3)
@@ -368,18 +428,18 @@ def test_module_rejects_bad_settings():
     module = CXRClassifier(TinyNet(4), LABELS, config.train)
     from cxrkit.training.module import build_optimizer
 
-    with pytest.raises(ValueError, match="train.optimizer.name"):
+    with pytest.raises(ValueError, match=r"train\.optimizer\.name"):
         build_optimizer(config.train.optimizer, module.model)
-    with pytest.raises(ValueError, match="train.scheduler.name"):
+    with pytest.raises(ValueError, match=r"train\.scheduler\.name"):
         CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.scheduler.name=step"]).train)
-    mixed = 'train.stages=[{loss: {name: ce}}, {loss: {name: bce}}]'
+    mixed = "train.stages=[{loss: {name: ce}}, {loss: {name: bce}}]"
     with pytest.raises(ValueError, match="mix"):
         CXRClassifier(TinyNet(4), LABELS, load_config(None, [mixed]).train)
 
 
 @pytest.mark.slow
 def test_ema_weights_are_validated_and_checkpointed(tmp_path):
-    config = tiny_config(tmp_path, "train.ema_decay=0.9", "train.max_epochs=2")
+    config = tiny_config(tmp_path, "train.ema_decay=0.9", "train.max_epochs=2", "train.channels_last=true")
     run_dir = fit_synthetic(config)
     ckpt = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
     assert "current_model_state" in ckpt and "averaging_state" in ckpt
@@ -394,3 +454,13 @@ def test_fresh_run_refuses_a_finished_run_dir(tmp_path):
     fit_synthetic(config)
     with pytest.raises(FileExistsError, match="--resume"):
         fit_synthetic(config)
+
+
+def test_hardware_settings_on_cpu():
+    train = load_config(None, ["train.accelerator=cpu", "train.devices=2", "train.strategy=ddp"]).train
+    settings = run._hardware_args(train)
+    assert settings["precision"] == "32-true" and settings["devices"] == 2 and settings["strategy"] == "ddp"
+    assert run._devices("0,2") == [0, 2] and run._devices("auto") == "auto"
+    frozen = load_config(None, ["train.strategy=ddp", 'train.stages=[{trainable: ["head.*"]}]']).train
+    assert run._hardware_args(frozen)["strategy"] == "ddp_find_unused_parameters_true"
+    assert run._limit(1.0) == 1.0 and run._limit(0.25) == 0.25 and run._limit(3.0) == 3

@@ -88,7 +88,7 @@ def export(
         raise click.ClickException(str(error)) from error
     click.echo(
         f"wrote {out}: {bundle.model_id} v{bundle.version}, {bundle.num_classes} labels, "
-        f"thresholds from {bundle.threshold_source}"
+        f"thresholds: {bundle.threshold_source}"
         + (", ONNX" if bundle.onnx else "")
         + (", int8 ONNX" if bundle.onnx_int8 else "")
     )

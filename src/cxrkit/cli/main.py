@@ -9,6 +9,7 @@ import click
 from cxrkit import __version__
 from cxrkit.cli.data import data
 from cxrkit.cli.demo import demo
+from cxrkit.cli.evaluate import compare, evaluate, explain
 from cxrkit.cli.inference import export, predict, serve
 from cxrkit.cli.train import test, train
 from cxrkit.cli.tune import tune
@@ -26,8 +27,11 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
 
 
+cli.add_command(compare)
 cli.add_command(data)
 cli.add_command(demo)
+cli.add_command(evaluate)
+cli.add_command(explain)
 cli.add_command(export)
 cli.add_command(predict)
 cli.add_command(serve)

@@ -1,4 +1,4 @@
-"""``cxr train`` and ``cxr test``: train a model into a run directory, evaluate a checkpoint on the test split."""
+"""``cxr train`` (train into a run directory) and ``cxr test`` (evaluate a checkpoint on the test split)."""
 
 from __future__ import annotations
 
@@ -29,21 +29,32 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: Path | No
     from cxrkit.training import run
 
     if resume is not None and (config_path or overrides):
-        raise click.UsageError("--resume continues a run with the config saved in its directory; "
-                               "drop --config and the KEY=VALUE overrides")
+        raise click.UsageError(
+            "--resume continues a run with the config saved in its directory; "
+            "drop --config and the KEY=VALUE overrides"
+        )
     config = None if resume is not None else resolve_config(config_path, overrides)
     _log_lightning_once()
     try:
         run_dir = run.train(config, resume=resume)
     except (FileExistsError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"run directory: {run_dir}")
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        click.echo(f"run directory: {run_dir}")
 
 
 @click.command("test")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--ckpt", "checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which checkpoint of the run to evaluate.")
+@click.option(
+    "--ckpt",
+    "checkpoint",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Which checkpoint of the run to evaluate.",
+)
 def test(run_dir: Path, checkpoint: str) -> None:
     """Evaluate a run's checkpoint on the test split; writes RUN_DIR/test_metrics_<ckpt>.json."""
     from cxrkit.training import run

@@ -17,29 +17,64 @@ STUDY_PREFIX = "study."
 
 @click.command("tune")
 @config_option
-@click.option("--space", "-s", "space_path", required=True, type=click.Path(dir_okay=False),
-              help="Search space YAML (see configs/spaces/).")
-@click.option("--trials", "-n", required=True, type=click.IntRange(min=0),
-              help="Target number of completed or pruned trials of the study, all workers together.")
+@click.option(
+    "--space",
+    "-s",
+    "space_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Search space YAML (see configs/spaces/).",
+)
+@click.option(
+    "--trials",
+    "-n",
+    required=True,
+    type=click.IntRange(min=0),
+    help="Target number of completed or pruned trials of the study, all workers together.",
+)
 @click.option("--study-name", default=None, help="Study name (default: <config name>-tune).")
-@click.option("--storage", default=None,
-              help="Optuna storage URL shared by the workers: default sqlite:///<study dir>/study.db; "
-                   "postgresql+psycopg2://user:pw@host/db for many machines; journal:///shared/fs/study.log.")
-@click.option("--study-dir", default=None, type=click.Path(file_okay=False),
-              help="Where trials, best_config.yaml and the report go (default: runs/studies/<study name>).")
-@click.option("--timeout", default=None, type=click.FloatRange(min=0),
-              help="This worker starts no new trial after this many seconds.")
-@click.option("--workers-note", is_flag=True,
-              help="Print how to start more workers on this study (same study, many processes/machines), exit.")
+@click.option(
+    "--storage",
+    default=None,
+    help="Optuna storage URL shared by the workers: default sqlite:///<study dir>/study.db; "
+    "postgresql+psycopg2://user:pw@host/db for many machines; journal:///shared/fs/study.log.",
+)
+@click.option(
+    "--study-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where trials, best_config.yaml and the report go (default: runs/studies/<study name>).",
+)
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="This worker starts no new trial after this many seconds.",
+)
+@click.option(
+    "--workers-note",
+    is_flag=True,
+    help="Print how to start more workers on this study (same study, many processes/machines), exit.",
+)
 @overrides_argument
-def tune(config_path: str | None, space_path: str, trials: int, study_name: str | None, storage: str | None,
-         study_dir: str | None, timeout: float | None, workers_note: bool, overrides: tuple[str, ...]) -> None:
+def tune(
+    config_path: str | None,
+    space_path: str,
+    trials: int,
+    study_name: str | None,
+    storage: str | None,
+    study_dir: str | None,
+    timeout: float | None,
+    workers_note: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Search hyperparameters with Optuna (TPE, pruning) and write the best trial's config.
 
     KEY=VALUE overrides change the base config of every trial (e.g. train.max_epochs=5 for short trials);
     study.KEY=VALUE overrides change the space file's study settings (e.g. study.pruner=hyperband).
     Re-running the same command continues an interrupted study; several workers started with the same
-    --study-name and --storage share the study. Train the result with `cxr train -c <study dir>/best_config.yaml`.
+    --study-name and --storage share the study. Train the result with
+    `cxr train -c <study dir>/best_config.yaml`.
     """
     from cxrkit.cli.train import _log_lightning_once
     from cxrkit.tuning.study import (
@@ -70,8 +105,9 @@ def tune(config_path: str | None, space_path: str, trials: int, study_name: str 
     _log_lightning_once()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged by cxrkit, once each
     try:
-        result = run_study(config, space, trials, study_name=name, storage=storage, study_dir=directory,
-                           timeout=timeout)
+        result = run_study(
+            config, space, trials, study_name=name, storage=storage, study_dir=directory, timeout=timeout
+        )
     except (SpaceError, ValueError) as error:
         raise click.UsageError(str(error)) from error
     except KeyboardInterrupt as stop:
@@ -81,38 +117,61 @@ def tune(config_path: str | None, space_path: str, trials: int, study_name: str 
 
 def _study_overrides(items: list[str]) -> dict[str, object]:
     try:
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item[len(STUDY_PREFIX):] for item in items]))
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item[len(STUDY_PREFIX) :] for item in items]))
     except Exception as error:
         raise click.UsageError(f"invalid study.* override in {items}: {error}") from error
     return dict(parsed)  # type: ignore[arg-type]
 
 
-def _workers_note(name: str, url: str, study_dir: Path, trials: int, config_path: str | None,
-                  space_path: str, overrides: tuple[str, ...]) -> str:
+def _workers_note(
+    name: str,
+    url: str,
+    study_dir: Path,
+    trials: int,
+    config_path: str | None,
+    space_path: str,
+    overrides: tuple[str, ...],
+) -> str:
     from cxrkit.tuning.study import redact
 
     argv = ["cxr", "tune"]
     argv += ["-c", str(Path(config_path).resolve())] if config_path else []
-    argv += ["-s", str(Path(space_path).resolve()), "-n", str(trials), "--study-name", name,
-             "--storage", url, "--study-dir", str(study_dir.resolve()), *overrides]
-    join = shlex.join(argv)
+    argv += [
+        "-s",
+        str(Path(space_path).resolve()),
+        "-n",
+        str(trials),
+        "--study-name",
+        name,
+        "--storage",
+        url,
+        "--study-dir",
+        str(study_dir.resolve()),
+        *overrides,
+    ]
     hidden = redact(url) != url
     lines = [
         f"Study {name!r}: storage {redact(url)}, study directory {study_dir.resolve()}.",
-        f"Every worker runs trials until the study holds {trials} completed or pruned trials. Start one with:",
-        f"  {shlex.join([*argv[:argv.index(url)], redact(url), *argv[argv.index(url) + 1:]]) if hidden else join}",
+        f"Each worker runs trials until the study holds {trials} completed or pruned trials. Start one with:",
+        f"  {shlex.join([redact(arg) if arg == url else arg for arg in argv])}",
         "One per GPU:     CUDA_VISIBLE_DEVICES=<i> cxr tune ... (same arguments)",
-        "SLURM job array: sbatch --array=1-<workers> --gres=gpu:1 --wrap \"cxr tune ... (same arguments)\"",
+        'SLURM job array: sbatch --array=1-<workers> --gres=gpu:1 --wrap "cxr tune ... (same arguments)"',
     ]
     if hidden:
         lines.append("(password hidden: put it back, or use a ~/.pgpass file)")
     if url.startswith("sqlite"):
-        lines.append("Storage: SQLite suits a few workers on this machine. For several machines pass --storage "
-                     "postgresql+psycopg2://USER:PASSWORD@HOST/DB (or journal:///<shared fs>/study.log) and a "
-                     "--study-dir on a shared file system.")
+        lines.append(
+            "Storage: SQLite suits a few workers on this machine. For several machines pass --storage "
+            "postgresql+psycopg2://USER:PASSWORD@HOST/DB (or journal:///<shared fs>/study.log) and a "
+            "--study-dir on a shared file system."
+        )
     else:
-        lines.append("Storage is shared: workers may run on any machine that reaches it. Keep --study-dir on a "
-                     "shared file system, or set study.tracking_uri to a shared MLflow server.")
-    lines.append("A killed worker's running trial is marked FAIL after study.grace_period seconds; re-run the "
-                 "command to continue the study.")
+        lines.append(
+            "Storage is shared: workers may run on any machine that reaches it. Keep --study-dir on a "
+            "shared file system, or set study.tracking_uri to a shared MLflow server."
+        )
+    lines.append(
+        "A killed worker's running trial is marked FAIL after study.grace_period seconds; re-run the "
+        "command to continue the study."
+    )
     return "\n".join(lines)

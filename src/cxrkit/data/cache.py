@@ -60,7 +60,6 @@ GEOMETRY_COLUMNS: tuple[str, ...] = (
     "shift_x",
     "shift_y",
 )
-LOCATION_COLUMNS: tuple[str, ...] = ("shard", "offset")
 _FORMAT_VERSION = 1
 _IMAP_CHUNKSIZE = 4
 _SHARD_FILE = re.compile(r"shard_(?P<index>\d{5})\.(npy|json)")
@@ -134,7 +133,7 @@ class Geometry:
         return self.resized_height / self.orig_height
 
     def columns(self) -> dict[str, float]:
-        """The values of :data:`GEOMETRY_COLUMNS` for this image."""
+        """The values of :data:`GEOMETRY_COLUMNS` for this image, in that order."""
         return {name: getattr(self, name) for name in GEOMETRY_COLUMNS}
 
     def to_cache_point(self, x: float, y: float) -> tuple[float, float]:
@@ -457,7 +456,7 @@ class _ShardWriter:
             self.failures.append([row, path, reason])
             return
         self.buffer[len(self.rows)] = image
-        self.rows.append([row, path, *(geometry.columns()[c] for c in GEOMETRY_COLUMNS)])
+        self.rows.append([row, path, *geometry.columns().values()])
 
     def commit(self, out_dir: Path, input_hash: str, settings: _Settings) -> None:
         array_path, record_path = _shard_paths(out_dir, self.plan.index)

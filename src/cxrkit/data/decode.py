@@ -31,7 +31,11 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi
 
 #: Largest image read by default: 16384 x 16384 pixels, well above any radiograph (CR/DR are ~3k x 3k).
 DEFAULT_MAX_PIXELS = 16384 * 16384
@@ -126,9 +130,6 @@ def _check_pixel_count(
 
 
 def _decode_dicom(data: bytes, path: str | os.PathLike, max_pixels: int, *, force: bool) -> np.ndarray:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -138,6 +139,8 @@ def _decode_dicom(data: bytes, path: str | os.PathLike, max_pixels: int, *, forc
     truncation = next((str(w.message) for w in caught if "End of file" in str(w.message)), None)
     if truncation:
         raise ImageDecodeError(path, f"truncated DICOM file: {truncation}")
+    for warning in caught:  # pass the others on
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         no_marker = " (and no 'DICM' marker: probably not a DICOM file)" if force else ""
         raise ImageDecodeError(path, f"DICOM file has no pixel data{no_marker}")
@@ -161,9 +164,7 @@ def _decode_dicom(data: bytes, path: str | os.PathLike, max_pixels: int, *, forc
         raise ImageDecodeError(path, f"invalid DICOM pixel module: {exc}") from exc
 
 
-def _dicom_to_gray(pixels: np.ndarray, ds) -> np.ndarray:
-    from pydicom.pixels import apply_color_lut
-
+def _dicom_to_gray(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         return _colour_to_gray(apply_color_lut(pixels, ds), bits=int(ds.get("BitsStored", 8)))
@@ -175,10 +176,8 @@ def _dicom_to_gray(pixels: np.ndarray, ds) -> np.ndarray:
     return _unit_to_uint8(unit)
 
 
-def _voi_to_unit(pixels: np.ndarray, ds) -> np.ndarray:
+def _voi_to_unit(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Modality LUT then VOI (LUT sequence, window, or min-max) to float values in [0, 1]."""
-    from pydicom.pixels import apply_modality_lut, apply_voi
-
     values = apply_modality_lut(pixels, ds)
     if ds.get("VOILUTSequence"):
         entries, first_mapped, bits = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
@@ -193,7 +192,7 @@ def _voi_to_unit(pixels: np.ndarray, ds) -> np.ndarray:
     return _minmax_to_unit(values)
 
 
-def _first_window(ds) -> tuple[float, float] | None:
+def _first_window(ds: pydicom.Dataset) -> tuple[float, float] | None:
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
     center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
@@ -201,8 +200,6 @@ def _first_window(ds) -> tuple[float, float] | None:
 
 
 def _first_value(value) -> float:
-    from pydicom.multival import MultiValue
-
     return float(value[0] if isinstance(value, MultiValue | list | tuple) else value)
 
 

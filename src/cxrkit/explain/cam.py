@@ -44,14 +44,9 @@ CAM_METHODS: dict[str, type] = {
     "kpca-cam": pgc.KPCA_CAM,
     "random": pgc.RandomCAM,
 }
-_ALIASES: dict[str, str] = {
-    "gradcampp": "gradcam++",
-    "gradcamplusplus": "gradcam++",
-    "kpcacam": "kpca-cam",
-    "gradcamelementwise": "gradcam-elementwise",
-}
-#: Methods whose maps ignore the target class (class-agnostic principal components of the activations).
-CLASS_AGNOSTIC: frozenset[str] = frozenset({"eigencam", "kpca-cam", "fem", "random"})
+_ALIASES: dict[str, str] = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++"}
+#: Methods whose maps do not depend on the explained label (they summarise the activations only).
+CLASS_AGNOSTIC: frozenset[str] = frozenset({"eigencam", "kpca-cam", "fem"})
 
 Targets = Sequence[int] | Sequence[Sequence[int]] | Tensor | Literal["topk"]
 

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from cxrkit.data.decode import ImageDecodeError, read_image
 from cxrkit.explain.boxes import clip_boxes, group_boxes, iobb, iou
-from cxrkit.explain.cam import explain
+from cxrkit.explain.cam import CLASS_AGNOSTIC, explain
 from cxrkit.explain.localize import (
     BoxParams,
     InputGeometry,
@@ -89,6 +89,30 @@ class _Prepared:
     cache_image: np.ndarray
 
 
+_RECORD_COLUMNS = (
+    "image", "path", "label", "rank", "probability", "heatmap", "overlay", "boxes", "peak_x", "peak_y",
+    "gt_boxes", "best_iou", "best_iobb", "pointing_hit",
+)  # fmt: skip
+
+
+@dataclass
+class _Collector:
+    """Rows, scored cases and gallery thumbnails gathered while explaining."""
+
+    max_thumbnails: int
+    rows: list[dict] = field(default_factory=list)
+    cases: list[LocalizationCase] = field(default_factory=list)
+    thumbnails: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+    def add(self, row: dict, case: LocalizationCase | None, overlay: np.ndarray) -> None:
+        self.rows.append(row)
+        if case is not None:
+            self.cases.append(case)
+        if len(self.thumbnails) < self.max_thumbnails:
+            title = f"{row['image']} · {row['label']} ({row['probability']:.2f})"
+            self.thumbnails.append((title, _thumbnail(overlay)))
+
+
 def explain_files(
     model: nn.Module,
     labels: Sequence[str],
@@ -111,23 +135,18 @@ def explain_files(
     ``labels`` names the model outputs in order. ``targets``: ``"topk"`` (each image's ``k`` most likely
     findings), label names explained in every image, or ``"annotated"`` (each image's findings in ``boxes``,
     a :func:`cxrkit.explain.boxes.read_nih_boxes` table matched on the file name). With ``boxes``, every
-    explained (image, label) that has ground truth is scored (``run.localization``).
+    explained (image, label) that has ground truth is scored (``run.localization``). ``box_params``: how
+    heatmaps become boxes (:class:`~cxrkit.explain.localize.BoxParams`).
     """
-    labels = list(labels)
-    out_dir = Path(out_dir)
-    box_params = box_params or BoxParams()
+    labels, out_dir, box_params = list(labels), Path(out_dir), box_params or BoxParams()
     failures: list[tuple[str, str]] = []
     items = _plan_items(labels, [str(p) for p in paths], targets, boxes, failures)
-    gt = group_boxes(boxes) if boxes is not None else {}
+    truth = group_boxes(boxes) if boxes is not None else {}
     for sub in ("heatmaps", "overlays"):
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-
-    rows: list[dict] = []
-    cases: list[LocalizationCase] = []
-    thumbnails: list[tuple[str, np.ndarray]] = []
+    collected = _Collector(max_thumbnails)
     method_name, layer_name = method, ""
-    batches = list(_chunks(items, batch_size))
-    for batch in tqdm(batches, desc=f"explain ({method})", unit="batch", disable=not progress):
+    for batch in tqdm(list(_chunks(items, batch_size)), desc=f"explain ({method})", disable=not progress):
         prepared = _prepare_batch(batch, preprocess, failures)
         if not prepared:
             continue
@@ -136,48 +155,27 @@ def explain_files(
         result = explain(model, images, wanted, method=method, k=k, target_layer=target_layer)
         method_name, layer_name = result.method, result.target_layer
         for index, entry in enumerate(prepared):
-            for slot in range(result.targets.shape[1]):
-                label = labels[int(result.targets[index, slot])]
+            for slot, label_index in enumerate(result.targets[index].tolist()):
+                label = labels[label_index]
                 heatmap = result.heatmaps[index, slot].numpy()
                 probability = float(result.probabilities[index, slot])
-                truth = gt.get((entry.item.name, label))
-                row, case, overlay = _explain_one(
-                    entry, label, slot, probability, heatmap, truth, box_params, out_dir
+                gt_boxes = truth.get((entry.item.name, label))
+                collected.add(
+                    *_explain_one(entry, label, slot, probability, heatmap, gt_boxes, box_params, out_dir)
                 )
-                rows.append(row)
-                if case is not None:
-                    cases.append(case)
-                if len(thumbnails) < max_thumbnails:
-                    thumbnails.append(
-                        (f"{entry.item.name} · {label} ({row['probability']:.2f})", _thumbnail(overlay))
-                    )
-
-    records = pd.DataFrame(rows, columns=_RECORD_COLUMNS)
-    records.to_csv(out_dir / "explanations.csv", index=False)
-    pd.DataFrame(failures, columns=["path", "reason"]).to_csv(out_dir / "failures.csv", index=False)
-    localization = score_localization(cases) if cases else None
-    if localization is not None:
-        localization.overlap.to_csv(out_dir / "localization.csv", index=False)
-        localization.pointing.to_csv(out_dir / "pointing_game.csv", index=False)
-    return ExplainRun(out_dir, method_name, layer_name, records, failures, localization, thumbnails)
+    records = pd.DataFrame(collected.rows, columns=list(_RECORD_COLUMNS))
+    localization = score_localization(collected.cases) if collected.cases else None
+    run = ExplainRun(out_dir, method_name, layer_name, records, failures, localization, collected.thumbnails)
+    _write_tables(run)
+    return run
 
 
-_RECORD_COLUMNS = [
-    "image",
-    "path",
-    "label",
-    "rank",
-    "probability",
-    "heatmap",
-    "overlay",
-    "boxes",
-    "peak_x",
-    "peak_y",
-    "gt_boxes",
-    "best_iou",
-    "best_iobb",
-    "pointing_hit",
-]
+def _write_tables(run: ExplainRun) -> None:
+    run.records.to_csv(run.out_dir / "explanations.csv", index=False)
+    pd.DataFrame(run.failures, columns=["path", "reason"]).to_csv(run.out_dir / "failures.csv", index=False)
+    if run.localization is not None:
+        run.localization.overlap.to_csv(run.out_dir / "localization.csv", index=False)
+        run.localization.pointing.to_csv(run.out_dir / "pointing_game.csv", index=False)
 
 
 def _plan_items(
@@ -243,10 +241,13 @@ def _prepare_batch(
     for item in batch:
         try:
             image = read_image(item.path)
+            cache_image, cache_geometry = spec.cache_image(image)
         except ImageDecodeError as error:
             failures.append((item.path, error.reason))
             continue
-        cache_image, cache_geometry = spec.cache_image(image)
+        except ValueError as error:  # an image the cache geometry cannot resize
+            failures.append((item.path, str(error)))
+            continue
         prepared.append(_Prepared(item, image, InputGeometry.from_spec(cache_geometry, spec), cache_image))
     return prepared
 
@@ -341,6 +342,10 @@ def write_report(run: ExplainRun, title: str = "Explanations", tiles_per_figure:
         "are ground truth. Raw heatmaps (.npy, model-input resolution) and overlays are in heatmaps/ and "
         "overlays/; every row is in explanations.csv."
     )
+    if run.method in CLASS_AGNOSTIC:
+        report.callout(
+            f"{run.method} does not depend on the label: every label of an image gets one map.", "info"
+        )
     if run.failures:
         report.callout(f"{len(run.failures)} inputs were skipped (see failures.csv).", "warning")
     if run.localization is not None:

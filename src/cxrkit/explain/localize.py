@@ -122,7 +122,7 @@ class InputGeometry:
             self.cache.scale_y * ratio / zoom_y,
             (self.cache.shift_y - offset) * ratio,
         )
-        mapped = Image.fromarray(heatmap, mode="F").transform(
+        mapped = Image.fromarray(heatmap).transform(
             (out_w, out_h), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR
         )
         return np.clip(np.asarray(mapped, dtype=np.float32), 0.0, 1.0)

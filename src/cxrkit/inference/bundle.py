@@ -93,7 +93,9 @@ class PreprocessSpec:
 
     def model_input(self, cache_images: np.ndarray) -> np.ndarray:
         """uint8 cache images ``[B, S, S]`` → float32 model input ``[B, 1, crop, crop]`` in [0, 1]."""
-        batch = torch.from_numpy(np.ascontiguousarray(cache_images)).float().div_(255.0).unsqueeze(1)
+        # uint8 -> float32 / 255 exactly as the data module's to_unit_float, in numpy (no thread-pool wake-up)
+        unit = np.divide(cache_images, np.float32(255.0), dtype=np.float32)
+        batch = torch.from_numpy(unit).unsqueeze(1)
         with torch.inference_mode():
             return np.ascontiguousarray(eval_transform(batch, self.crop_size, self.eval_mode).numpy())
 

@@ -359,7 +359,7 @@ def heatmap_rgba(heatmap: np.ndarray, colormap: str = "jet", max_alpha: float = 
     from matplotlib import colormaps
 
     rgba = colormaps[colormap](np.clip(heatmap, 0.0, 1.0))
-    rgba[..., 3] = max_alpha * np.clip(heatmap, 0.0, 1.0) ** 0.5
+    rgba[..., 3] = max_alpha * np.clip(heatmap, 0.0, 1.0)
     return np.rint(rgba * 255).astype(np.uint8)
 
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-from cxrkit.evaluation.metrics import auroc
 from cxrkit.inference.onnx_export import create_session, run_session
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ def accept_quantization(auroc_fp32: float, auroc_int8: float, max_drop: float = 
 
 def mean_auroc(targets: np.ndarray, scores: np.ndarray, labels: Sequence[str]) -> tuple[float, list[str]]:
     """Mean AUROC over the labels whose known targets hold both classes (NaN targets = unknown, ignored)."""
+    from cxrkit.evaluation.metrics import auroc  # scikit-learn: loaded only when a gate is evaluated
+
     values, scored = [], []
     for column, label in enumerate(labels):
         value = auroc(targets[:, column], scores[:, column])
@@ -64,11 +66,26 @@ def mean_auroc(targets: np.ndarray, scores: np.ndarray, labels: Sequence[str]) -
 
 def quantize_onnx(fp32_model: bytes, weight_type: QuantType = QuantType.QInt8) -> bytes:
     """Dynamic (weights int8, activations quantised on the fly) quantisation of an ONNX graph."""
-    with tempfile.TemporaryDirectory(prefix="cxrkit-quant-") as folder:
-        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+    with tempfile.TemporaryDirectory(prefix="cxrkit-quant-") as folder, _quiet_root_logger():
+        source, prepared, target = (
+            Path(folder) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx")
+        )
         source.write_bytes(fp32_model)
-        quantize_dynamic(source, target, weight_type=weight_type)
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)  # shape inference + graph clean-up
+        quantize_dynamic(prepared, target, weight_type=weight_type)
         return target.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantiser logs one INFO line per tensor on the root logger; keep warnings only."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _scores(model: bytes, images: np.ndarray, batch_size: int, transform: Transform | None) -> np.ndarray:

@@ -30,6 +30,7 @@ from typing import Any
 
 import fsspec
 import numpy as np
+import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -378,6 +379,10 @@ class ModelService:
             else:
                 bundle = self.source if isinstance(self.source, Bundle) else Bundle.load(self.source)
                 predictor = Predictor(bundle, max_pixels=self.settings.max_pixels, **self.predictor_options)
+            if predictor.backend.startswith("onnx"):
+                # torch only preprocesses here (and explains on request): one thread each request, parallelism
+                # comes from concurrent requests; OpenMP wake-ups cost more than these small ops under load
+                torch.set_num_threads(1)
             size = predictor.bundle.preprocess.image_size
             predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))  # warm-up
             self.predictor = predictor

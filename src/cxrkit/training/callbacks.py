@@ -2,13 +2,14 @@
 
 * :class:`AtomicCheckpointIO`: checkpoints are written to a temporary file next to the target, fsynced and
   renamed over it, so a kill during a save leaves the previous ``last.ckpt`` intact.
-* :class:`EpochSeed`: re-seeds Python, NumPy and torch (CPU and CUDA) at the start of every training epoch from
-  ``(seed, epoch, rank)``, and gives the training DataLoader its own per-epoch generator when it has none (so
-  creating the epoch's iterator draws nothing from the global generator). Data order, augmentation and dropout
-  of an epoch then depend on nothing else, which makes ``--resume`` continue exactly like an uninterrupted run.
-* :class:`LastCheckpoint`: writes ``last.ckpt`` at the start of every epoch after the first (the previous epoch,
-  its validation and all its logs complete, loggers flushed) and when training ends; Lightning resumes such a
-  checkpoint by re-entering the epoch from its start.
+* :class:`EpochSeed`: re-seeds Python, NumPy and torch (CPU and CUDA) at the start of every training epoch
+  from ``(seed, epoch, rank)``, and gives the training DataLoader its own per-epoch generator when it has none
+  (so creating the epoch's iterator draws nothing from the global generator). Data order, augmentation and
+  dropout of an epoch then depend on nothing else, which makes ``--resume`` continue exactly like an
+  uninterrupted run.
+* :class:`LastCheckpoint`: writes ``last.ckpt`` at the start of every epoch after the first (the previous
+  epoch, its validation and all its logs complete, loggers flushed) and when training ends; Lightning resumes
+  such a checkpoint by re-entering the epoch from its start.
 * :class:`Throughput`: images per second in the progress bar and the logs (``train/images_per_s``).
 * :class:`TrainingCurves`: redraws ``training_curves.png`` from ``metrics.csv`` after every epoch.
 * :func:`build_callbacks`: the callbacks a run uses (checkpoints, early stopping, EMA, the ones above).
@@ -41,7 +42,9 @@ LAST_NAME = "last"
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Save to ``<path>.tmp``, fsync, then ``os.replace`` onto ``path`` (atomic on POSIX file systems)."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         path = Path(path)
@@ -103,9 +106,9 @@ def _train_dataloaders(trainer: Trainer) -> list[DataLoader]:
 class LastCheckpoint(Callback):
     """Save ``last.ckpt`` at the start of every epoch after the first and at the end of training.
 
-    Lightning counts an epoch as "ready" just before ``on_train_epoch_start``; the checkpoint is written with that
-    count taken back, i.e. in exactly the state the loop had when the previous epoch completed, so resuming it
-    starts the epoch afresh (hooks, data, seeds) instead of treating it as already under way.
+    Lightning counts an epoch as "ready" just before ``on_train_epoch_start``; the checkpoint is written with
+    that count taken back, i.e. in exactly the state the loop had when the previous epoch completed, so
+    resuming it starts the epoch afresh (hooks, data, seeds) instead of treating it as already under way.
     """
 
     def __init__(self, path: Path) -> None:
@@ -148,7 +151,9 @@ class Throughput(Callback):
         self._images += len(batch[0]) * trainer.world_size
         elapsed = time.perf_counter() - self._start
         if elapsed > 0:
-            pl_module.log("train/images_per_s", self._images / elapsed, on_step=True, on_epoch=False, prog_bar=True)
+            pl_module.log(
+                "train/images_per_s", self._images / elapsed, on_step=True, on_epoch=False, prog_bar=True
+            )
 
 
 class TrainingCurves(Callback):

@@ -39,8 +39,8 @@ class SchedulerConfig:
 class StageConfig:
     """One stage of staged fine-tuning: which parameters train (fnmatch patterns on parameter names,
     ``*`` = all), at what learning rate, for how many epochs, with which loss (None = ``train.loss``).
-    ``freeze_bn_stats`` keeps BatchNorm layers whose parameters are all frozen in eval mode (running statistics
-    unchanged). See :mod:`cxrkit.training.stages`."""
+    ``freeze_bn_stats`` keeps BatchNorm layers whose parameters are all frozen in eval mode (running
+    statistics unchanged). See :mod:`cxrkit.training.stages`."""
 
     name: str = "all"
     trainable: list[str] = field(default_factory=lambda: ["*"])

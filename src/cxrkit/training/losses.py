@@ -6,22 +6,22 @@ over the known ones only; a batch without a single known entry gives a loss of 0
 (so every rank in distributed training runs the same backward pass).
 
 * ``bce``: binary cross-entropy on logits.
-* ``weighted_bce``: the class-balanced BCE of CheXNet (Rajpurkar et al. 2017), a normalised form of the W-CEL of
-  Wang et al. 2017. For label ``c`` with positive fraction ``p_c = P_c / (P_c + N_c)`` among the *known*
-  training targets::
+* ``weighted_bce``: the class-balanced BCE of CheXNet (Rajpurkar et al. 2017), a normalised form of the
+  W-CEL of Wang et al. 2017. For label ``c`` with positive fraction ``p_c = P_c / (P_c + N_c)`` among the
+  *known* training targets::
 
       loss = -[ w_pos_c * y * log σ(x) + w_neg_c * (1 - y) * log(1 - σ(x)) ]
       w_pos_c = N_c / (P_c + N_c) = 1 - p_c,      w_neg_c = P_c / (P_c + N_c) = p_c
 
-  Wang et al. use ``(P + N) / P`` and ``(P + N) / N``; the ratio ``w_pos / w_neg = N / P`` is the same, only the
-  overall scale differs. ``p_c`` is clipped to ``[FREQUENCY_EPSILON, 1 - FREQUENCY_EPSILON]`` so a label with no
-  positives (or no negatives) in the training set keeps a non-zero weight on both classes; a label never
-  annotated in the training set (``p_c`` NaN; all its targets are masked anyway) gets ``p_c = 0.5``.
+  Wang et al. use ``(P + N) / P`` and ``(P + N) / N``; the ratio ``w_pos / w_neg = N / P`` is the same, only
+  the overall scale differs. ``p_c`` is clipped to ``[FREQUENCY_EPSILON, 1 - FREQUENCY_EPSILON]`` so a label
+  with no positives (or no negatives) in the training set keeps a non-zero weight on both classes; a label
+  never annotated in the training set (``p_c`` NaN; all its targets are masked anyway) gets ``p_c = 0.5``.
 * ``focal``: sigmoid focal loss of Lin et al. 2017 (``torchvision.ops.sigmoid_focal_loss``),
-  ``-α_t (1 - p_t)^γ log p_t``; ``alpha: null`` means no α balancing, and ``gamma: 0`` with no α is exactly BCE.
-* ``ce``: softmax cross-entropy for single-label tasks (pediatric pneumonia: NORMAL vs PNEUMONIA). Targets are
-  class indices ``[B]`` (negative = unknown) or one-hot / soft rows ``[B, C]`` (rows holding NaN or summing to 0
-  are unknown).
+  ``-α_t (1 - p_t)^γ log p_t``; ``alpha: null`` means no α balancing, and ``gamma: 0`` with no α is BCE.
+* ``ce``: softmax cross-entropy for single-label tasks (pediatric pneumonia: NORMAL vs PNEUMONIA). Targets
+  are class indices ``[B]`` (negative = unknown) or one-hot / soft rows ``[B, C]`` (rows holding NaN or
+  summing to 0 are unknown).
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def class_balance_weights(label_frequencies: Sequence[float] | np.ndarray | Tens
     """``(w_pos, w_neg) = (1 - p, p)`` per label from positive fractions ``p`` (see module docstring)."""
     frequencies = torch.as_tensor(np.asarray(label_frequencies, dtype=np.float32))
     if frequencies.ndim != 1:
-        raise ValueError(f"label frequencies must be 1-D (one per label), got shape {tuple(frequencies.shape)}")
+        raise ValueError(
+            f"label frequencies must be 1-D (one per label), got shape {tuple(frequencies.shape)}"
+        )
     frequencies = torch.nan_to_num(frequencies, nan=0.5)
     if ((frequencies < 0) | (frequencies > 1)).any():
         raise ValueError(f"label frequencies must lie in [0, 1], got {frequencies.tolist()}")
@@ -115,7 +117,7 @@ def class_balance_weights(label_frequencies: Sequence[float] | np.ndarray | Tens
 
 
 def build_loss(loss_cfg, label_frequencies: Sequence[float] | np.ndarray | Tensor | None = None) -> nn.Module:
-    """The loss named by ``loss_cfg.name``; ``weighted_bce`` needs the training positive fraction per label."""
+    """The loss named by ``loss_cfg.name``; ``weighted_bce`` needs the positive fraction of each label."""
     name = loss_cfg.name
     if name == "bce":
         return MaskedBCEWithLogitsLoss()

@@ -6,13 +6,13 @@ test log ``<split>/loss``, ``<split>/auroc/<label>`` (AUROC per label on the kno
 Finding" is reported but left out of the mean unless it is the only label). Labels without both classes are
 skipped and named in the log.
 
-Optimisers: ``adam``, ``adamw``, ``sgd`` (momentum), ``rmsprop``; biases and normalisation weights get no weight
-decay. Schedules: ``cosine`` (linear warm-up then cosine decay) and ``onecycle``, stepped every optimiser step;
-``plateau`` (reduce the learning rate when ``train.monitor`` stops improving, stepped right after each
-validation so its state is in the same checkpoint as the weights); ``none``. Staged fine-tuning is applied at
-each epoch start (see :mod:`cxrkit.training.stages`). With ``train.tta`` the test step averages the
-probabilities of deterministic views (the image, its 90 % centre crop and four 90 % corner crops, resized back);
-no flips, because left and right are not interchangeable on a chest X-ray.
+Optimisers: ``adam``, ``adamw``, ``sgd`` (momentum), ``rmsprop``; biases and normalisation weights get no
+weight decay. Schedules: ``cosine`` (linear warm-up then cosine decay) and ``onecycle``, stepped every
+optimiser step; ``plateau`` (reduce the learning rate when ``train.monitor`` stops improving, stepped right
+after each validation so its state is in the same checkpoint as the weights); ``none``. Staged fine-tuning is
+applied at each epoch start (see :mod:`cxrkit.training.stages`). With ``train.tta`` the test step averages
+the probabilities of deterministic views (the image, its 90 % centre crop and four 90 % corner crops, resized
+back); no flips, because left and right are not interchangeable on a chest X-ray.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class MaskedMultilabelAUROC(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """AUROC of every label with both classes among its known targets (labels without are left out)."""
-        if not self.probs:
+        if isinstance(self.probs, list) and not self.probs:  # after a distributed sync the states are tensors
             return {}
         probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
         results = {}
@@ -90,7 +90,13 @@ def tta_views(images: Tensor, fraction: float = TTA_CROP_FRACTION) -> list[Tenso
     height, width = images.shape[-2:]
     crop_h, crop_w = round(height * fraction), round(width * fraction)
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    origins = [(top, left), (0, 0), (0, width - crop_w), (height - crop_h, 0), (height - crop_h, width - crop_w)]
+    origins = [
+        (top, left),
+        (0, 0),
+        (0, width - crop_w),
+        (height - crop_h, 0),
+        (height - crop_h, width - crop_w),
+    ]
     views = [images]
     for y, x in origins:
         crop = images[..., y : y + crop_h, x : x + crop_w]
@@ -99,7 +105,7 @@ def tta_views(images: Tensor, fraction: float = TTA_CROP_FRACTION) -> list[Tenso
 
 
 def build_optimizer(optimizer_cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimiser of ``train.optimizer`` over every parameter of ``model`` (frozen ones get no gradient)."""
+    """The optimiser of ``train.optimizer`` over all parameters of ``model`` (frozen ones get no gradient)."""
     name, lr, decay = optimizer_cfg.name, float(optimizer_cfg.lr), float(optimizer_cfg.weight_decay)
     groups = param_groups_weight_decay(model, weight_decay=decay) if decay > 0 else model.parameters()
     if name == "adam":
@@ -122,8 +128,8 @@ class CXRClassifier(LightningModule):
     """Wraps a network (images -> logits over ``labels``) with losses, metrics, optimisation and stages.
 
     ``label_frequencies`` (positive fraction per label on the training split) is needed by ``weighted_bce``;
-    ``metadata`` (labels, resolved run config) is stored in every checkpoint under ``"cxrkit"`` so a checkpoint
-    can be used on its own.
+    ``metadata`` (labels, resolved run config) is stored in every checkpoint under ``"cxrkit"`` so a
+    checkpoint can be used on its own.
     """
 
     def __init__(
@@ -155,8 +161,9 @@ class CXRClassifier(LightningModule):
         self.plateau: ReduceLROnPlateau | None = None
         self._plateau_state: dict[str, Any] | None = None
         if train_cfg.scheduler.name not in SCHEDULES:
-            raise ValueError(f"train.scheduler.name must be one of {list(SCHEDULES)}, got "
-                             f"{train_cfg.scheduler.name!r}")
+            raise ValueError(
+                f"train.scheduler.name must be one of {list(SCHEDULES)}, got {train_cfg.scheduler.name!r}"
+            )
         if train_cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -212,9 +219,11 @@ class CXRClassifier(LightningModule):
                 self.plateau.cooldown_counter = 0
         if stage.index != self._announced_stage and len(self.stages) > 1:
             self._announced_stage = stage.index
-            rank_zero_info(f"stage {stage.index} '{stage.name}' (epochs {stage.start_epoch}-{stage.end_epoch - 1}):"
-                           f" {trainable:,} trainable and {frozen:,} frozen parameters, lr {stage.lr:g},"
-                           f" loss {stage.loss.name}")
+            rank_zero_info(
+                f"stage {stage.index} '{stage.name}' (epochs {stage.start_epoch}-{stage.end_epoch - 1}):"
+                f" {trainable:,} trainable and {frozen:,} frozen parameters, lr {stage.lr:g},"
+                f" loss {stage.loss.name}"
+            )
 
     def train(self, mode: bool = True) -> CXRClassifier:
         super().train(mode)
@@ -226,8 +235,15 @@ class CXRClassifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
         loss = self.loss_fn(self(images), targets)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(images),
-                 sync_dist=True)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(images),
+            sync_dist=True,
+        )
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
@@ -237,8 +253,9 @@ class CXRClassifier(LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate_batch(batch, self.test_loss, self.test_auroc, tta=self.train_cfg.tta)
 
-    def _evaluate_batch(self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, auroc_metric: Metric,
-                        tta: bool) -> None:
+    def _evaluate_batch(
+        self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, auroc_metric: Metric, tta: bool
+    ) -> None:
         images, targets = batch
         logits = self(images)
         loss_metric.update(self.loss_fn(logits, targets), weight=len(images))
@@ -246,7 +263,7 @@ class CXRClassifier(LightningModule):
         auroc_metric.update(probs, self._multilabel_targets(targets, probs.shape[1]))
 
     def _multilabel_targets(self, targets: Tensor, num_classes: int) -> Tensor:
-        """Class-index targets (``ce``) become one-hot rows so AUROC is computed one class against the rest."""
+        """Class-index targets (``ce``) become one-hot rows: AUROC of each class against the rest."""
         if targets.ndim == 2:
             return targets
         one_hot = F.one_hot(targets.clamp(min=0).long(), num_classes).float()
@@ -256,15 +273,18 @@ class CXRClassifier(LightningModule):
         metrics = self._log_epoch_metrics("val", self.val_loss, self.val_auroc)
         if self.plateau is not None and not self.trainer.sanity_checking:
             if self.train_cfg.monitor not in metrics:
-                raise ValueError(f"train.monitor {self.train_cfg.monitor!r} is not a validation metric; "
-                                 f"choose one of {sorted(metrics)}")
+                raise ValueError(
+                    f"train.monitor {self.train_cfg.monitor!r} is not a validation metric; "
+                    f"choose one of {sorted(metrics)}"
+                )
             self.plateau.step(float(metrics[self.train_cfg.monitor]))
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test", self.test_loss, self.test_auroc)
 
-    def _log_epoch_metrics(self, split: str, loss_metric: MeanMetric, auroc_metric: MaskedMultilabelAUROC
-                           ) -> dict[str, Tensor]:
+    def _log_epoch_metrics(
+        self, split: str, loss_metric: MeanMetric, auroc_metric: MaskedMultilabelAUROC
+    ) -> dict[str, Tensor]:
         """Log ``<split>/loss``, ``<split>/auroc/<label>`` and ``<split>/auroc_mean``; return them."""
         aurocs = auroc_metric.compute()
         metrics = {f"{split}/auroc/{label}": value for label, value in aurocs.items()}
@@ -273,7 +293,7 @@ class CXRClassifier(LightningModule):
         auroc_metric.reset()
         loss_metric.reset()
         for name, value in metrics.items():
-            self.log(name, value, sync_dist=False, rank_zero_only=False)
+            self.log(name, value, sync_dist=True)  # already equal on every rank; silences Lightning's warning
         skipped = [label for label in self.labels if label not in aurocs]
         if skipped and not self.trainer.sanity_checking:
             rank_zero_info(f"{split} AUROC skipped for labels without both classes: {', '.join(skipped)}")
@@ -284,15 +304,24 @@ class CXRClassifier(LightningModule):
         optimizer = build_optimizer(self.train_cfg.optimizer, self.model)
         scheduler_cfg = self.train_cfg.scheduler
         if scheduler_cfg.name in ("cosine", "onecycle"):
-            steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // total_epochs(self.stages))
-            schedule = staged_lr_lambda(scheduler_cfg, self.stages, float(self.train_cfg.optimizer.lr),
-                                        steps_per_epoch)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+            steps_per_epoch = max(
+                1, int(self.trainer.estimated_stepping_batches) // total_epochs(self.stages)
+            )
+            schedule = staged_lr_lambda(
+                scheduler_cfg, self.stages, float(self.train_cfg.optimizer.lr), steps_per_epoch
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
+            }
         if scheduler_cfg.name == "plateau":
-            self.plateau = ReduceLROnPlateau(optimizer, mode=monitor_mode(self.train_cfg.monitor),
-                                             factor=scheduler_cfg.factor, patience=scheduler_cfg.patience,
-                                             min_lr=scheduler_cfg.min_lr)
+            self.plateau = ReduceLROnPlateau(
+                optimizer,
+                mode=monitor_mode(self.train_cfg.monitor),
+                factor=scheduler_cfg.factor,
+                patience=scheduler_cfg.patience,
+                min_lr=scheduler_cfg.min_lr,
+            )
             if self._plateau_state is not None:
                 self.plateau.load_state_dict(self._plateau_state)
         return optimizer

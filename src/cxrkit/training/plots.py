@@ -7,15 +7,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 PER_LABEL_PREFIX = "val/auroc/"
 
 
 def epoch_metrics(metrics_csv: str | Path) -> pd.DataFrame:
-    """One row per epoch with every epoch-level metric of ``metrics.csv`` (the last value logged that epoch)."""
+    """One row per epoch with each metric of ``metrics.csv`` (the last value logged in that epoch)."""
     frame = pd.read_csv(metrics_csv)
     if "epoch" not in frame:
         raise ValueError(f"{metrics_csv} has no 'epoch' column; is it a Lightning CSVLogger file?")
@@ -33,11 +33,14 @@ def plot_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
     loss_axes.set(title="Loss", xlabel="epoch", ylabel="loss")
     for column in sorted(c for c in epochs.columns if c.startswith(PER_LABEL_PREFIX)):
         rows = epochs.dropna(subset=[column])
-        auroc_axes.plot(rows["epoch"], rows[column], linewidth=0.8, alpha=0.5, label=column[len(PER_LABEL_PREFIX):])
+        auroc_axes.plot(
+            rows["epoch"], rows[column], linewidth=0.8, alpha=0.5, label=column[len(PER_LABEL_PREFIX) :]
+        )
     if "val/auroc_mean" in epochs:
         rows = epochs.dropna(subset=["val/auroc_mean"])
-        auroc_axes.plot(rows["epoch"], rows["val/auroc_mean"], color="black", linewidth=2.5, marker="o",
-                        label="mean")
+        auroc_axes.plot(
+            rows["epoch"], rows["val/auroc_mean"], color="black", linewidth=2.5, marker="o", label="mean"
+        )
     auroc_axes.set(title="Validation AUROC", xlabel="epoch", ylabel="AUROC")
     for axes in (loss_axes, auroc_axes):
         if axes.has_data():

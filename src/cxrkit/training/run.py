@@ -21,9 +21,9 @@ MLflow tracks to ``train.tracking_uri`` or, by default, the SQLite store ``<outp
 Reproducibility: ``seed`` seeds weight initialisation; every training epoch re-seeds all generators from
 ``(seed, epoch, rank)`` (:class:`~cxrkit.training.callbacks.EpochSeed`), and ``train.deterministic`` turns on
 deterministic algorithms (on GPU, ops without a deterministic kernel only warn). The same config and seed give
-the same metrics on CPU; ``--resume`` continues from ``last.ckpt`` with the same weights, optimiser, scheduler,
-stage, epoch, data order and augmentation as if the run had not stopped. ``precision: auto`` is ``bf16-mixed``
-on GPUs that support it (``16-mixed`` on older ones) and 32-bit on CPU.
+the same metrics on CPU; ``--resume`` continues from ``last.ckpt`` with the same weights, optimiser,
+scheduler, stage, epoch, data order and augmentation as if the run had not stopped. ``precision: auto`` is
+``bf16-mixed`` on GPUs that support it (``16-mixed`` on older ones) and 32-bit on CPU.
 
 Multi-GPU and multi-node training use Lightning DDP (``train.devices``, ``train.num_nodes``,
 ``train.strategy``):
@@ -36,8 +36,8 @@ Multi-GPU and multi-node training use Lightning DDP (``train.devices``, ``train.
   ``srun cxr train -c cfg.yaml train.devices=4 train.num_nodes=2 train.strategy=ddp``.
 
 With torchrun or SLURM every process starts at once, so prepare the cache first (``cxr data prepare -c
-cfg.yaml``): only rank 0 builds it, the other ranks read the existing one. ``train.devices``/batch size are per
-process; the effective batch is ``batch_size × devices × num_nodes × accumulate_grad_batches``.
+cfg.yaml``): only rank 0 builds it, the other ranks read the existing one. ``train.devices`` and the batch
+size are per process; the effective batch is ``batch_size × devices × num_nodes × accumulate_grad_batches``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,15 @@ def train(
     else:
         run_dir = Path(config.output_dir)
     datamodule = build_datamodule(config)
-    return fit(config, datamodule, model_factory(config), run_dir, resume=resume is not None,
-               callbacks=callbacks, mlflow_tags=mlflow_tags)
+    return fit(
+        config,
+        datamodule,
+        model_factory(config),
+        run_dir,
+        resume=resume is not None,
+        callbacks=callbacks,
+        mlflow_tags=mlflow_tags,
+    )
 
 
 def fit(
@@ -114,7 +122,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     mlflow_tags: Mapping[str, str] | None = None,
 ) -> Path:
-    """Train ``build_model(num_labels)`` on ``datamodule`` into ``run_dir``; continue from last.ckpt if ``resume``.
+    """Train ``build_model(num_labels)`` on ``datamodule`` into ``run_dir`` (from last.ckpt if ``resume``).
 
     ``datamodule`` yields ``(images [B,1,H,W] in [0,1], targets [B,L] with NaN = unknown)`` and exposes
     ``labels`` and ``train_label_frequencies()`` (positive fraction per label among known training targets).
@@ -124,10 +132,14 @@ def fit(
     if resume:
         if not last.exists():
             raise FileNotFoundError(f"cannot resume {run_dir}: {last} does not exist")
-        _truncate_metrics(run_dir / METRICS_FILE, torch.load(last, map_location="cpu", weights_only=False)["epoch"])
+        _truncate_metrics(
+            run_dir / METRICS_FILE, torch.load(last, map_location="cpu", weights_only=False)["epoch"]
+        )
     elif last.exists():
-        raise FileExistsError(f"{run_dir} already holds a trained run ({last}); continue it with "
-                              f"`cxr train --resume {run_dir}` or set another output_dir")
+        raise FileExistsError(
+            f"{run_dir} already holds a trained run ({last}); continue it with "
+            f"`cxr train --resume {run_dir}` or set another output_dir"
+        )
     else:
         _start_fresh(run_dir)
 
@@ -142,13 +154,17 @@ def fit(
     validate = float(config.train.limit_val_batches) > 0
     loggers = build_loggers(config, run_dir, mlflow_tags)
     trainer = build_trainer(config, run_dir, loggers, validate=validate, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=False
+        )
     _finish(run_dir)
     return run_dir
 
 
 def test(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
-    """Evaluate ``checkpoints/<checkpoint>.ckpt`` of ``run_dir`` on the test split; return the metrics JSON path."""
+    """Evaluate ``checkpoints/<checkpoint>.ckpt`` of ``run_dir`` on the test split; return the JSON path."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     return evaluate_checkpoint(config, build_datamodule(config), model_factory(config), run_dir, checkpoint)
@@ -161,23 +177,35 @@ def evaluate_checkpoint(
     run_dir: str | Path,
     checkpoint: str = BEST_NAME,
 ) -> Path:
-    """Run ``checkpoints/<checkpoint>.ckpt`` on the test split of ``datamodule``; write test_metrics_<ckpt>.json."""
+    """Run ``checkpoints/<checkpoint>.ckpt`` on the test split of ``datamodule``; write the metrics JSON."""
     run_dir = Path(run_dir)
     path = checkpoint_path(run_dir, checkpoint)
     _setup_data(datamodule, stage="test")
     labels = list(datamodule.labels)
     saved = json.loads((run_dir / LABELS_FILE).read_text())
     if labels != saved:
-        raise ValueError(f"the test data labels {labels} differ from the labels the run was trained on {saved}")
+        raise ValueError(
+            f"the test data labels {labels} differ from the labels the run was trained on {saved}"
+        )
     frequencies = datamodule.train_label_frequencies() if _needs_frequencies(config.train) else None
     module = CXRClassifier(build_model(len(labels)), labels, config.train, frequencies)
-    trainer = Trainer(**_hardware_args(config.train), logger=False, enable_checkpointing=False,
-                      deterministic=_deterministic(config.train), enable_model_summary=False)
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=str(path), weights_only=False)[0]
+    trainer = Trainer(
+        **_hardware_args(config.train),
+        logger=False,
+        enable_checkpointing=False,
+        deterministic=_deterministic(config.train),
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=str(path), weights_only=False)[0]
     out = run_dir / f"test_metrics_{checkpoint}.json"
     if trainer.is_global_zero:
-        payload = {"checkpoint": str(path.relative_to(run_dir)), "tta": bool(config.train.tta),
-                   "metrics": {name: float(value) for name, value in sorted(results.items())}}
+        payload = {
+            "checkpoint": str(path.relative_to(run_dir)),
+            "tta": bool(config.train.tta),
+            "metrics": {name: float(value) for name, value in sorted(results.items())},
+        }
         out.write_text(json.dumps(payload, indent=2))
         log.info("test metrics written to %s", out)
     return out
@@ -209,8 +237,14 @@ def build_datamodule(config: DictConfig) -> LightningDataModule:
 
     cache = config.data.cache
     if _launch_rank() == 0:
-        prepare_cache(build_manifest(config.data), cache.dir, image_size=cache.image_size,
-                      resize_policy=cache.resize_policy, shard_size=cache.shard_size, workers=cache.workers)
+        prepare_cache(
+            build_manifest(config.data),
+            cache.dir,
+            image_size=cache.image_size,
+            resize_policy=cache.resize_policy,
+            shard_size=cache.shard_size,
+            workers=cache.workers,
+        )
     return CXRDataModule(config.data, cache.dir, seed=int(config.seed))
 
 
@@ -220,8 +254,9 @@ def model_factory(config: DictConfig) -> ModelFactory:
     return lambda num_labels: create_model(config.model, num_labels)
 
 
-def build_loggers(config: DictConfig, run_dir: Path, mlflow_tags: Mapping[str, str] | None = None
-                  ) -> list[Logger]:
+def build_loggers(
+    config: DictConfig, run_dir: Path, mlflow_tags: Mapping[str, str] | None = None
+) -> list[Logger]:
     """CSV (always, ``metrics.csv``) plus the others named in ``train.loggers``."""
     unknown = set(config.train.loggers) - set(LOGGERS)
     if unknown:
@@ -242,8 +277,13 @@ def build_loggers(config: DictConfig, run_dir: Path, mlflow_tags: Mapping[str, s
     return loggers
 
 
-def build_trainer(config: DictConfig, run_dir: Path, loggers: list[Logger], validate: bool = True,
-                  callbacks: Sequence[Callback] = ()) -> Trainer:
+def build_trainer(
+    config: DictConfig,
+    run_dir: Path,
+    loggers: list[Logger],
+    validate: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> Trainer:
     train_cfg = config.train
     return Trainer(
         **_hardware_args(train_cfg),
@@ -273,7 +313,7 @@ class TrainedModel:
 
 
 def load_trained_model(run_dir: str | Path, checkpoint: str = BEST_NAME) -> TrainedModel:
-    """The network of ``run_dir`` with the weights of ``checkpoints/<checkpoint>.ckpt`` (EMA ones when used)."""
+    """The network of ``run_dir`` with the weights of ``checkpoints/<checkpoint>.ckpt`` (EMA when used)."""
     from cxrkit.models.factory import create_model
 
     path = checkpoint_path(run_dir, checkpoint)
@@ -281,8 +321,11 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Trai
     metadata = state[CHECKPOINT_METADATA_KEY]
     config = OmegaConf.create(metadata["config"])
     model = create_model(config.model, len(metadata["labels"]))
-    weights = {name[len("model."):]: value for name, value in state["state_dict"].items()
-               if name.startswith("model.")}
+    weights = {
+        name[len("model.") :]: value
+        for name, value in state["state_dict"].items()
+        if name.startswith("model.")
+    }
     model.load_state_dict(weights)
     return TrainedModel(model.eval(), list(metadata["labels"]), metadata["activation"], config)
 
@@ -314,8 +357,13 @@ def _mlflow_logger(config: DictConfig, run_dir: Path, tags: Mapping[str, str] | 
     record_path = run_dir / MLFLOW_FILE
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     uri = record.get("tracking_uri") or config.train.tracking_uri or _default_tracking_uri(run_dir)
-    logger = MLFlowLogger(experiment_name=config.name, run_name=run_dir.name, tracking_uri=uri,
-                          run_id=record.get("run_id"), tags=dict(tags) if tags else None)
+    logger = MLFlowLogger(
+        experiment_name=config.name,
+        run_name=run_dir.name,
+        tracking_uri=uri,
+        run_id=record.get("run_id"),
+        tags=dict(tags) if tags else None,
+    )
     if rank_zero_only.rank == 0:
         record = {"tracking_uri": uri, "experiment_id": logger.experiment_id, "run_id": logger.run_id}
         record_path.write_text(json.dumps(record, indent=2))
@@ -385,7 +433,7 @@ def _setup_data(datamodule: LightningDataModule, stage: str = "fit") -> None:
 
 
 def _launch_rank() -> int:
-    """Global rank from the launcher's environment (torchrun, SLURM, Lightning's own DDP launcher); 0 if none."""
+    """Global rank from the launcher's environment (torchrun, SLURM, Lightning's DDP launcher); 0 if none."""
     for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(variable, "").isdigit():
             return int(os.environ[variable])
@@ -408,7 +456,7 @@ def _write_run_files(config: DictConfig, labels: list[str], run_dir: Path) -> No
 
 @rank_zero_only
 def _truncate_metrics(metrics_csv: Path, resume_epoch: int) -> None:
-    """Drop rows of epochs at or after ``resume_epoch`` (logged by the interrupted run after its checkpoint)."""
+    """Drop rows of epochs from ``resume_epoch`` on (logged by the interrupted run after its checkpoint)."""
     if not metrics_csv.exists():
         return
     frame = pd.read_csv(metrics_csv)

@@ -6,13 +6,14 @@ resumed run is in the same stage, with the same frozen parameters and loss, as t
 
 ``trainable`` holds fnmatch patterns on the parameter names of the network built by
 :func:`cxrkit.models.factory.create_model` (``backbone.<timm name>``, ``head.*``); ``*`` matches dots too, and
-every pattern must match at least one parameter (a typo is an error, not a silently frozen network). Parameters
-matching no pattern are frozen (``requires_grad=False``); with ``freeze_bn_stats`` the BatchNorm layers whose
-parameters are all frozen also stay in eval mode, so their running statistics keep their pretrained values.
+every pattern must match at least one parameter (a typo is an error, not a silently frozen network).
+Parameters matching no pattern are frozen (``requires_grad=False``); with ``freeze_bn_stats`` the BatchNorm
+layers whose parameters are all frozen also stay in eval mode, so their running statistics keep their
+pretrained values.
 
 At the first epoch of a stage the learning rate of every parameter group becomes ``stage.lr`` (or
-``train.optimizer.lr``); ``cosine`` and ``onecycle`` schedules restart within each stage (warm-up included), and
-``plateau`` restarts its patience counter.
+``train.optimizer.lr``); ``cosine`` and ``onecycle`` schedules restart within each stage (warm-up included),
+and ``plateau`` restarts its patience counter.
 
 Examples (YAML)::
 
@@ -82,8 +83,16 @@ def resolve_stages(train_cfg: Any) -> list[Stage]:
         lr = base_lr if stage_cfg.lr is None else float(stage_cfg.lr)
         loss = train_cfg.loss if stage_cfg.loss is None else stage_cfg.loss
         freeze_bn = bool(getattr(stage_cfg, "freeze_bn_stats", True))
-        stage = Stage(index, stage_cfg.name, start, int(stage_cfg.epochs), tuple(stage_cfg.trainable), lr, loss,
-                      freeze_bn)
+        stage = Stage(
+            index,
+            stage_cfg.name,
+            start,
+            int(stage_cfg.epochs),
+            tuple(stage_cfg.trainable),
+            lr,
+            loss,
+            freeze_bn,
+        )
         stages.append(stage)
         start = stage.end_epoch
     return stages
@@ -136,13 +145,13 @@ def frozen_batchnorms(model: nn.Module) -> list[nn.Module]:
 
 @dataclass
 class StagedLRLambda:
-    """Multiplier of ``train.optimizer.lr`` at each optimizer step, for :class:`torch.optim.lr_scheduler.LambdaLR`.
+    """Multiplier of ``train.optimizer.lr`` at each optimiser step (``torch.optim.lr_scheduler.LambdaLR``).
 
-    The schedule restarts in every stage and peaks at the stage's learning rate. ``cosine``: linear warm-up over
-    ``warmup_epochs`` then cosine decay to ``min_lr``. ``onecycle``: the learning-rate curve of Smith's 1cycle
-    policy (cosine rise from ``lr/25`` over ``warmup_epochs``, default 30 % of the stage, then cosine decay to
-    ``lr/25e4``; momentum is not cycled). A plain object, so LambdaLR checkpoints its fields and a resumed run
-    continues the same curve.
+    The schedule restarts in every stage and peaks at the stage's learning rate. ``cosine``: linear warm-up
+    over ``warmup_epochs`` then cosine decay to ``min_lr``. ``onecycle``: the learning-rate curve of Smith's
+    1cycle policy (cosine rise from ``lr/25`` over ``warmup_epochs``, default 30 % of the stage, then cosine
+    decay to ``lr/25e4``; momentum is not cycled). A plain object, so LambdaLR checkpoints its fields and a
+    resumed run continues the same curve.
     """
 
     kind: str
@@ -192,7 +201,9 @@ def _cosine_interpolate(start: float, end: float, fraction: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(1.0, fraction)))
 
 
-def staged_lr_lambda(scheduler_cfg: Any, stages: list[Stage], base_lr: float, steps_per_epoch: int) -> StagedLRLambda:
+def staged_lr_lambda(
+    scheduler_cfg: Any, stages: list[Stage], base_lr: float, steps_per_epoch: int
+) -> StagedLRLambda:
     """The step schedule of ``train.scheduler`` (``cosine`` or ``onecycle``) over ``stages``."""
     warmup = max(0, round(float(scheduler_cfg.warmup_epochs) * steps_per_epoch))
     stage_steps = [max(1, stage.epochs * steps_per_epoch) for stage in stages]

@@ -2,22 +2,23 @@
 
 The objective samples the search space into the base config, trains it into ``<study_dir>/trials/trial_NNNN``
 with Optuna's Lightning pruning callback (reporting ``study.metric`` after every validation epoch) and a guard
-that fails the trial on a non-finite training loss, and returns the best epoch's metric. A trial that raises is
-recorded with its error message (trial attribute ``error``); its MLflow run is nested under the study's run
+that fails the trial on a non-finite training loss, and returns the best epoch's metric. A trial that raises
+is recorded with its error message (trial attribute ``error``); its MLflow run is nested under the study's run
 (tag ``mlflow.parentRunId``) and holds the sampled parameters, the trainer's per-epoch metrics, the trial's
 resolved config (artifact ``config.yaml``) and its final state.
 """
 
 from __future__ import annotations
 
-import gc
 import json
+import logging
 import math
 import os
 import shutil
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from cxrkit.tuning.space import SearchSpace, apply_values, resolved, sample
 #: ``runner(config, callbacks, mlflow_tags) -> run_dir``: trains one trial's config into its output_dir.
 Runner = Callable[[DictConfig, Sequence[Callback], Mapping[str, str] | None], Path]
 
+log = logging.getLogger(__name__)
+
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
 MLFLOW_FILE = "mlflow.json"
@@ -43,7 +46,9 @@ STUDY_KEY_TAG = "cxrkit.study_key"
 _MAX_ERROR_CHARS = 2000
 
 
-def train_trial(config: DictConfig, callbacks: Sequence[Callback], mlflow_tags: Mapping[str, str] | None) -> Path:
+def train_trial(
+    config: DictConfig, callbacks: Sequence[Callback], mlflow_tags: Mapping[str, str] | None
+) -> Path:
     """Default runner: :func:`cxrkit.training.run.train` (manifest, cache, data module, model, Trainer)."""
     from cxrkit.training.run import train
 
@@ -53,12 +58,15 @@ def train_trial(config: DictConfig, callbacks: Sequence[Callback], mlflow_tags: 
 class FiniteLossGuard(Callback):
     """Fail the run as soon as a training loss is NaN or infinite (a diverged trial stops wasting epochs)."""
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
-            raise FloatingPointError(f"non-finite training loss ({float(loss):g}) at epoch {trainer.current_epoch}"
-                                     f", batch {batch_idx}: the trial diverged")
+            raise FloatingPointError(
+                f"non-finite training loss ({float(loss):g}) at epoch {trainer.current_epoch}"
+                f", batch {batch_idx}: the trial diverged"
+            )
 
 
 class Objective:
@@ -111,6 +119,7 @@ class Objective:
             raise
         except SystemExit as stop:  # Lightning turns Ctrl-C during fit into sys.exit(1)
             error = "interrupted"
+            trial.set_user_attr("error", error)
             raise KeyboardInterrupt(f"trial {trial.number} interrupted") from stop
         except Exception as exception:
             error = f"{type(exception).__name__}: {exception}"[:_MAX_ERROR_CHARS]
@@ -119,7 +128,10 @@ class Objective:
         finally:
             trial.set_user_attr("epochs", count_epochs(run_dir / METRICS_FILE, self.metric))
             if self.tracking is not None:
-                self.tracking.record_trial(trial, run_dir, params, state, value, error)
+                try:
+                    self.tracking.record_trial(trial, run_dir, params, state, value, error)
+                except Exception as problem:  # the study goes on without this trial's MLflow details
+                    log.warning("trial %d: could not record it in MLflow (%s)", trial.number, problem)
             release_memory()
 
 
@@ -128,9 +140,11 @@ def check_single_device(config: DictConfig) -> None:
     devices = str(config.train.devices).strip()
     several = (devices.isdigit() and int(devices) > 1) or "," in devices.strip(",") or devices == "-1"
     if several or int(config.train.num_nodes) > 1:
-        raise ValueError(f"tuning trains each trial on one device (train.devices={devices}, train.num_nodes="
-                         f"{config.train.num_nodes}); start one `cxr tune` worker per device instead, e.g. "
-                         "CUDA_VISIBLE_DEVICES=1 cxr tune ... with the same --study-name and --storage")
+        raise ValueError(
+            f"tuning trains each trial on one device (train.devices={devices}, train.num_nodes="
+            f"{config.train.num_nodes}); start one `cxr tune` worker per device instead, e.g. "
+            "CUDA_VISIBLE_DEVICES=1 cxr tune ... with the same --study-name and --storage"
+        )
 
 
 def best_epoch_value(metrics_csv: Path, metric: str, mode: str = "max") -> float:
@@ -144,7 +158,9 @@ def best_epoch_value(metrics_csv: Path, metric: str, mode: str = "max") -> float
     values = frame[metric].dropna()
     values = values[values.map(math.isfinite)]
     if values.empty:
-        raise ValueError(f"{metric} was NaN in every epoch (diverged, or a validation set without both classes)")
+        raise ValueError(
+            f"{metric} was NaN in every epoch (diverged, or a validation set without both classes)"
+        )
     return float(values.max() if mode == "max" else values.min())
 
 
@@ -157,7 +173,7 @@ def count_epochs(metrics_csv: Path, metric: str) -> int:
 
 
 def release_memory() -> None:
-    gc.collect()
+    """Give cached GPU memory back between trials (``gc_after_trial`` of ``study.optimize`` collects)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -174,10 +190,23 @@ class StudyTracking:
     experiment_id: str
     parent_run_id: str
 
+    @cached_property
+    def client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
+
     @classmethod
-    def start(cls, uri: str, experiment: str, study: optuna.Study, storage_label: str,
-              known_run_id: str | None = None, artifact_root: str | None = None,
-              description: Mapping[str, str] | None = None) -> StudyTracking:
+    def start(
+        cls,
+        uri: str,
+        experiment: str,
+        study: optuna.Study,
+        storage_label: str,
+        known_run_id: str | None = None,
+        artifact_root: str | None = None,
+        description: Mapping[str, str] | None = None,
+    ) -> StudyTracking:
         """Find the study's parent run (recorded id, else by study tag) or create it; mark it running.
 
         ``description`` (search space and settings) is logged as the parameters of a new parent run.
@@ -198,22 +227,33 @@ class StudyTracking:
                 if run_id != created:
                     client.delete_run(created)
         client.update_run(run_id, status="RUNNING")
-        return cls(uri, experiment_id, run_id)
+        tracking = cls(uri, experiment_id, run_id)
+        tracking.client = client
+        return tracking
 
     def child_tags(self, trial: optuna.Trial) -> dict[str, str]:
-        return {PARENT_TAG: self.parent_run_id, "optuna.study_name": trial.study.study_name,
-                "optuna.trial_number": str(trial.number)}
+        return {
+            PARENT_TAG: self.parent_run_id,
+            "optuna.study_name": trial.study.study_name,
+            "optuna.trial_number": str(trial.number),
+        }
 
-    def record_trial(self, trial: optuna.Trial, run_dir: Path, params: Mapping[str, Any], state: TrialState,
-                     value: float | None, error: str | None) -> None:
+    def record_trial(
+        self,
+        trial: optuna.Trial,
+        run_dir: Path,
+        params: Mapping[str, Any],
+        state: TrialState,
+        value: float | None,
+        error: str | None,
+    ) -> None:
         """Sampled parameters, resolved config, objective value, state and error of the trial's run."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.uri)
+        client = self.client
         run_id = _child_run_id(run_dir)
         if run_id is None:  # the trial failed before the trainer created its run
-            run_id = client.create_run(self.experiment_id, run_name=run_dir.name,
-                                       tags=self.child_tags(trial)).info.run_id
+            run_id = client.create_run(
+                self.experiment_id, run_name=run_dir.name, tags=self.child_tags(trial)
+            ).info.run_id
         for path, sampled in params.items():
             client.log_param(run_id, path, json.dumps(sampled) if not isinstance(sampled, str) else sampled)
         client.set_tag(run_id, "optuna.state", state.name)
@@ -227,9 +267,7 @@ class StudyTracking:
 
     def finish(self, study: optuna.Study, artifacts: Sequence[Path]) -> None:
         """Log the best value, the best config and the report to the parent run; mark it finished."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.uri)
+        client = self.client
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if complete:
             client.log_metric(self.parent_run_id, "best_value", study.best_value, step=len(study.trials))
@@ -264,19 +302,36 @@ def _run_exists(client: Any, run_id: str) -> bool:
 
 
 def _find_parent(client: Any, experiment_id: str, key: str) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_KEY_TAG}` = '{key}'",
-                              order_by=["attributes.start_time ASC"], max_results=10)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STUDY_KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10,
+    )
     runs = sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
     return runs[0].info.run_id if runs else None
 
 
-def _create_parent(client: Any, experiment_id: str, key: str, study: optuna.Study, storage_label: str,
-                   description: Mapping[str, str]) -> str:
+def _create_parent(
+    client: Any,
+    experiment_id: str,
+    key: str,
+    study: optuna.Study,
+    storage_label: str,
+    description: Mapping[str, str],
+) -> str:
     from mlflow.entities import Param
 
-    run = client.create_run(experiment_id, run_name=f"study {study.study_name}",
-                            tags={STUDY_KEY_TAG: key, "optuna.study_name": study.study_name,
-                                  "optuna.storage": storage_label, "cxrkit.role": "optuna-study"})
+    run = client.create_run(
+        experiment_id,
+        run_name=f"study {study.study_name}",
+        tags={
+            STUDY_KEY_TAG: key,
+            "optuna.study_name": study.study_name,
+            "optuna.storage": storage_label,
+            "cxrkit.role": "optuna-study",
+        },
+    )
     client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in description.items()])
     return run.info.run_id
 
@@ -287,5 +342,8 @@ def _child_run_id(run_dir: Path) -> str | None:
 
 
 def trial_error(trial: FrozenTrial) -> str:
-    """The error message recorded for a failed trial ("" for the others)."""
-    return str(trial.user_attrs.get("error", ""))
+    """Why a trial failed ("" for the others); a failed trial without a message lost its worker (killed,
+    out of host memory, node lost): its heartbeat stopped and another worker marked it FAIL."""
+    if trial.state != TrialState.FAIL:
+        return ""
+    return str(trial.user_attrs.get("error", "worker stopped (no heartbeat): killed or lost"))

@@ -13,7 +13,7 @@ A space is a YAML file with three sections::
       data.loader.batch_size: {type: categorical, choices: [8, 16]}
       model.head.hidden_layers: {type: int, low: 1, high: 5}
       model.head.dropout: {type: float, low: 0.0, high: 0.5, step: 0.1}
-      train.optimizer.momentum: {type: float, low: 0.5, high: 0.99, when: {train.optimizer.name: [sgd, rmsprop]}}
+      train.optimizer.momentum: {type: float, low: 0.5, high: 0.99, when: {train.optimizer.name: sgd}}
 
 Any field of the run config can be searched, lists included (``data.sources.0.options.x``); categorical
 choices may be lists (``data.augment.scale_range: {type: categorical, choices: [[0.9, 1.1], [0.8, 1.2]]}``).
@@ -54,9 +54,9 @@ class StudySettings:
 
     ``sampler``: ``tpe`` (Optuna's TPE, seeded with ``seed``, ``n_startup_trials`` random trials first,
     multivariate so that conditional parameters are modelled jointly) or ``random``.
-    ``pruner``: ``median`` (stop a trial whose best-so-far metric is worse than the median of earlier trials at
-    the same epoch, after ``pruner_startup_trials`` finished trials and ``pruner_warmup_epochs`` epochs),
-    ``hyperband`` (successive halving brackets from ``min_epochs`` to the training's epochs with
+    ``pruner``: ``median`` (stop a trial whose best-so-far metric is worse than the median of earlier
+    trials at the same epoch, after ``pruner_startup_trials`` finished trials and ``pruner_warmup_epochs``
+    epochs), ``hyperband`` (successive halving brackets from ``min_epochs`` to the training's epochs with
     ``reduction_factor``) or ``none``.
     ``metric``: the validation metric optimised (the best epoch's value); its direction follows
     ``train.monitor`` conventions (``loss`` minimised, everything else maximised).
@@ -103,8 +103,9 @@ class Param:
             keys = [_choice_key(choice) for choice in self.choices]
             return self.decode(trial.suggest_categorical(self.path, keys))
         if self.type == "int":
-            return trial.suggest_int(self.path, int(self.low), int(self.high), step=int(self.step or 1),
-                                     log=self.log)
+            return trial.suggest_int(
+                self.path, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(self.path, float(self.low), float(self.high), step=self.step, log=self.log)
 
     def decode(self, value: Any) -> Any:
@@ -156,8 +157,10 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         """A short hash of what is searched (params and fixed values), to recognise the space of a study."""
-        payload = {"params": [param.describe() + f"@{param.path}" for param in self.params],
-                   "fixed": {path: _plain(value) for path, value in sorted(self.fixed.items())}}
+        payload = {
+            "params": [param.describe() + f"@{param.path}" for param in self.params],
+            "fixed": {path: _plain(value) for path, value in sorted(self.fixed.items())},
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,7 +183,7 @@ class SearchSpace:
 
 # ---- loading -----------------------------------------------------------------------------------------------
 def load_space(path: str | Path, settings_overrides: Mapping[str, Any] | None = None) -> SearchSpace:
-    """Read a space YAML file (see the module docstring); ``settings_overrides`` replace ``study:`` entries."""
+    """Read a space YAML file (module docstring); ``settings_overrides`` replace ``study:`` entries."""
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space file not found: {path}")
@@ -199,8 +202,9 @@ def parse_space(raw: Mapping[str, Any], source: str = "<search space>") -> Searc
     """Build a :class:`SearchSpace` from plain data (``study``, ``fixed``, ``params`` sections)."""
     unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise SpaceError(f"search space {source}: unknown section(s) {sorted(unknown)}; "
-                         f"expected {list(SECTIONS)}")
+        raise SpaceError(
+            f"search space {source}: unknown section(s) {sorted(unknown)}; expected {list(SECTIONS)}"
+        )
     params_raw = raw.get("params") or {}
     fixed = dict(raw.get("fixed") or {})
     if not isinstance(params_raw, Mapping) or not params_raw:
@@ -219,25 +223,33 @@ def _parse_settings(raw: Mapping[str, Any], source: str) -> StudySettings:
         raise SpaceError(f"search space {source}: invalid 'study' section: {error}") from error
     settings = StudySettings(**OmegaConf.to_container(merged))
     if settings.sampler not in SAMPLERS:
-        raise SpaceError(f"search space {source}: study.sampler must be one of {list(SAMPLERS)}, "
-                         f"got {settings.sampler!r}")
+        raise SpaceError(
+            f"search space {source}: study.sampler must be one of {list(SAMPLERS)}, got {settings.sampler!r}"
+        )
     if settings.pruner not in PRUNERS:
-        raise SpaceError(f"search space {source}: study.pruner must be one of {list(PRUNERS)}, "
-                         f"got {settings.pruner!r}")
+        raise SpaceError(
+            f"search space {source}: study.pruner must be one of {list(PRUNERS)}, got {settings.pruner!r}"
+        )
     if settings.keep_checkpoints not in ("best", "all"):
-        raise SpaceError(f"search space {source}: study.keep_checkpoints must be 'best' or 'all', "
-                         f"got {settings.keep_checkpoints!r}")
+        raise SpaceError(
+            f"search space {source}: study.keep_checkpoints must be 'best' or 'all', "
+            f"got {settings.keep_checkpoints!r}"
+        )
     if settings.heartbeat_interval <= 0 or settings.grace_period <= settings.heartbeat_interval:
-        raise SpaceError(f"search space {source}: study.grace_period ({settings.grace_period}) must exceed "
-                         f"study.heartbeat_interval ({settings.heartbeat_interval}) > 0")
+        raise SpaceError(
+            f"search space {source}: study.grace_period ({settings.grace_period}) must exceed "
+            f"study.heartbeat_interval ({settings.heartbeat_interval}) > 0"
+        )
     return settings
 
 
 def _parse_param(path: str, spec: Any, source: str) -> Param:
     where = f"search space {source}, param {path!r}"
     if not isinstance(spec, Mapping) or "type" not in spec:
-        raise SpaceError(f"{where}: expected a mapping with 'type' ({'/'.join(PARAM_TYPES)}); put constant "
-                         "values under 'fixed:'")
+        raise SpaceError(
+            f"{where}: expected a mapping with 'type' ({'/'.join(PARAM_TYPES)}); put constant "
+            "values under 'fixed:'"
+        )
     unknown = set(spec) - _SPEC_KEYS
     if unknown:
         raise SpaceError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
@@ -281,8 +293,10 @@ def _parse_when(raw: Any, where: str) -> tuple[tuple[str, tuple[Any, ...]], ...]
         return ()
     if not isinstance(raw, Mapping) or not raw:
         raise SpaceError(f"{where}: 'when' must map config fields to a value or a list of values")
-    return tuple((str(path), tuple(_plain(v) for v in (values if isinstance(values, list) else [values])))
-                 for path, values in raw.items())
+    return tuple(
+        (str(path), tuple(_plain(v) for v in (values if isinstance(values, list) else [values])))
+        for path, values in raw.items()
+    )
 
 
 # ---- checking and applying ---------------------------------------------------------------------------------
@@ -341,7 +355,9 @@ def _check_field(config: DictConfig, path: str, where: str) -> None:
         parent = ".".join(path.split(".")[:depth]) or "<root>"
         if isinstance(node, ListConfig):
             if not key.isdigit() or int(key) >= len(node):
-                raise SpaceError(f"{where}: {parent} is a list of {len(node)} item(s); {key!r} is not an index")
+                raise SpaceError(
+                    f"{where}: {parent} is a list of {len(node)} item(s); {key!r} is not an index"
+                )
             node = node[int(key)]
         elif isinstance(node, DictConfig):
             if key not in node and _is_typed(node):
@@ -361,7 +377,7 @@ def _check_value(config: DictConfig, path: str, value: Any, where: str) -> None:
 
 
 def _is_typed(node: DictConfig) -> bool:
-    """Whether a config node is a schema dataclass (free-form dicts such as ``timm_kwargs`` accept new keys)."""
+    """Whether a node is a schema dataclass (free-form dicts such as ``timm_kwargs`` accept new keys)."""
     return OmegaConf.get_type(node) not in (dict, None)
 
 

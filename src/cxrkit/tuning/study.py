@@ -18,10 +18,10 @@ server). Every worker started with the same study name and storage joins the stu
 all workers and earlier runs (workers that finish trials at the same moment may overshoot by one each).
 
 Interrupted studies resume: re-run the same command. A running trial records a heartbeat every
-``heartbeat_interval`` seconds; one whose worker was killed stops beating and is marked FAIL by the next worker
-after ``grace_period`` seconds (Optuna's ``fail_stale_trials``; the journal storage gets the same heartbeat
-here). Trials that raise (out of memory, non-finite loss, bad config) are recorded as FAIL with the error in
-the trial's ``error`` attribute, and the study goes on.
+``heartbeat_interval`` seconds; one whose worker was killed stops beating and is marked FAIL by the next
+worker after ``grace_period`` seconds (Optuna's ``fail_stale_trials``; the journal storage gets the same
+heartbeat here). Trials that raise (out of memory, non-finite loss, bad config) are recorded as FAIL with
+the error in the trial's ``error`` attribute, and the study goes on.
 
 The sampler is re-seeded from ``(study.seed, trial number)`` at the start of every trial, so a study run by
 one worker is reproducible, a resumed study draws what an uninterrupted one would, and parallel workers never
@@ -34,6 +34,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -56,7 +57,7 @@ from optuna.trial import FrozenTrial, TrialState
 from cxrkit.config import RunConfig, apply_override, load_config, save_config
 from cxrkit.training.callbacks import monitor_mode
 from cxrkit.training.stages import resolve_stages, total_epochs
-from cxrkit.tuning.objective import Objective, Runner, StudyTracking, train_trial
+from cxrkit.tuning.objective import Objective, Runner, StudyTracking, check_single_device, train_trial
 from cxrkit.tuning.space import SearchSpace, StudySettings, apply_values, resolved, validate_space
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def run_study(
     :func:`cxrkit.training.run.train`). Returns the study, the best config written as YAML and the report.
     """
     validate_space(space, config)
-    resolved(config)
+    check_single_device(resolved(config))
     name = study_name or default_study_name(config)
     study_dir = Path(study_dir) if study_dir is not None else default_study_dir(config, name)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -119,16 +120,29 @@ def run_study(
 
     remaining = n_trials - count_trials(study)
     if remaining > 0 and (timeout is None or timeout > 0):
-        log.info("study %s: %d of %d trials done; running up to %d here (storage %s)", name,
-                 n_trials - remaining, n_trials, remaining, redact(url))
+        log.info(
+            "study %s: %d of %d trials done; running up to %d here (storage %s)",
+            name,
+            n_trials - remaining,
+            n_trials,
+            remaining,
+            redact(url),
+        )
         objective = Objective(config, space, study_dir / TRIALS_DIR, tracking=tracking, runner=runner)
         callbacks = [optuna.study.MaxTrialsCallback(n_trials, states=COUNTED_STATES), _log_trial]
         if settings.keep_checkpoints == "best":
             callbacks.append(keep_best_checkpoints)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(Exception,),
-                           callbacks=callbacks, gc_after_trial=True, show_progress_bar=True)
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=timeout,
+                catch=(Exception,),
+                callbacks=callbacks,
+                gc_after_trial=True,
+                show_progress_bar=True,
+            )
     else:
         log.info("study %s already holds %d counted trials (target %d)", name, count_trials(study), n_trials)
     return finish_study(study, space, config, study_dir, tracking, write_report=write_report)
@@ -152,7 +166,7 @@ def finish_study(
         log.warning("study %s has no completed trial yet: no best config", study.study_name)
     report = write_study_report(study, study_dir / REPORT_DIR, space=space) if write_report else None
     if tracking is not None:
-        tracking.finish(study, [path for path in (best_path, report) if path is not None])
+        tracking.finish(study, [path for path in (best_path, report and report.parent) if path is not None])
     return StudyResult(study, study_dir, best_path, report, tracking.parent_run_id if tracking else None)
 
 
@@ -237,17 +251,23 @@ def open_storage(url: str, settings: StudySettings) -> BaseStorage:
     """An Optuna storage with heartbeats for ``url`` (SQLAlchemy URL or ``journal://<path>``)."""
     heartbeat = {"heartbeat_interval": settings.heartbeat_interval, "grace_period": settings.grace_period}
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url[len(JOURNAL_PREFIX):])
+        path = Path(url[len(JOURNAL_PREFIX) :])
         if not path.name:
-            raise ValueError(f"journal storage URL needs a file path: journal:///path/to/study.log, got {url}")
+            raise ValueError(
+                f"journal storage URL needs a file path: journal:///path/to/study.log, got {url}"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         return HeartbeatJournalStorage(JournalFileBackend(str(path)), **heartbeat)
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 120}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    return _retry(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat), f"storage {redact(url)}")
+    with warnings.catch_warnings():  # Optuna still labels heartbeats experimental
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return _retry(
+            lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat), f"storage {redact(url)}"
+        )
 
 
 class TrialSeededTPESampler(TPESampler):
@@ -285,33 +305,50 @@ def build_sampler(settings: StudySettings) -> BaseSampler:
         return TrialSeededRandomSampler(settings.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        return TrialSeededTPESampler(settings.seed, n_startup_trials=settings.n_startup_trials,
-                                     multivariate=True, group=True, constant_liar=True)
+        return TrialSeededTPESampler(
+            settings.seed,
+            n_startup_trials=settings.n_startup_trials,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
+        )
 
 
-def build_pruner(settings: StudySettings, config: DictConfig, space: SearchSpace) -> optuna.pruners.BasePruner:
+def build_pruner(
+    settings: StudySettings, config: DictConfig, space: SearchSpace
+) -> optuna.pruners.BasePruner:
     """``median``, ``hyperband`` (up to the training's epochs) or ``none``; steps are epochs."""
     if settings.pruner == "none":
         return optuna.pruners.NopPruner()
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials,
-                                           n_warmup_steps=max(0, settings.pruner_warmup_epochs - 1))
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.pruner_startup_trials,
+            n_warmup_steps=max(0, settings.pruner_warmup_epochs - 1),
+        )
     epochs_searched = any(path.startswith(("train.max_epochs", "train.stages")) for path in space.paths)
     max_epochs = "auto" if epochs_searched else total_epochs(resolve_stages(config.train))
-    return optuna.pruners.HyperbandPruner(min_resource=settings.min_epochs, max_resource=max_epochs,
-                                          reduction_factor=settings.reduction_factor)
+    return optuna.pruners.HyperbandPruner(
+        min_resource=settings.min_epochs, max_resource=max_epochs, reduction_factor=settings.reduction_factor
+    )
 
 
 def open_study(name: str, url: str, space: SearchSpace, config: DictConfig) -> optuna.Study:
     """Create the study or load the existing one of that name; refuse one made with another search space."""
     settings = space.settings
     direction = "maximize" if monitor_mode(settings.metric) == "max" else "minimize"
-    study = optuna.create_study(storage=open_storage(url, settings), sampler=build_sampler(settings),
-                                pruner=build_pruner(settings, config, space), study_name=name,
-                                direction=direction, load_if_exists=True)
+    study = optuna.create_study(
+        storage=open_storage(url, settings),
+        sampler=build_sampler(settings),
+        pruner=build_pruner(settings, config, space),
+        study_name=name,
+        direction=direction,
+        load_if_exists=True,
+    )
     if study.direction.name.lower() != direction:
-        raise ValueError(f"study {name!r} in {redact(url)} {study.direction.name.lower()}s; this space's metric "
-                         f"{settings.metric!r} needs {direction}")
+        raise ValueError(
+            f"study {name!r} in {redact(url)} {study.direction.name.lower()}s; this space's metric "
+            f"{settings.metric!r} needs {direction}"
+        )
     attrs = study.user_attrs
     expected = {_SPACE_ATTR: space.fingerprint(), _METRIC_ATTR: settings.metric}
     for key, value in expected.items():
@@ -319,8 +356,10 @@ def open_study(name: str, url: str, space: SearchSpace, config: DictConfig) -> o
             study.set_user_attr(key, value)
         elif attrs[key] != value:
             what = "search space" if key == _SPACE_ATTR else "metric"
-            raise ValueError(f"study {name!r} in {redact(url)} was started with another {what}; "
-                             f"resume it with the same one or choose another --study-name")
+            raise ValueError(
+                f"study {name!r} in {redact(url)} was started with another {what}; "
+                f"resume it with the same one or choose another --study-name"
+            )
     return study
 
 
@@ -351,12 +390,16 @@ def write_best_config(study: optuna.Study, space: SearchSpace, base: DictConfig,
     trial = best_trial(study)
     assert trial is not None
     config = best_config(study, space, base)
-    header = [f"# Best trial #{trial.number} of Optuna study {study.study_name!r}: "
-              f"{space.settings.metric} = {trial.value:.6g}",
-              f"# written {datetime.now().isoformat(timespec='seconds')}; train it with: cxr train -c {path}"]
+    header = [
+        f"# Best trial #{trial.number} of Optuna study {study.study_name!r}: "
+        f"{space.settings.metric} = {trial.value:.6g}",
+        f"# written {datetime.now().isoformat(timespec='seconds')}; train it with: cxr train -c {path}",
+    ]
     header += [f"#   {name} = {value!r}" for name, value in trial.params.items()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(header) + "\n" + OmegaConf.to_yaml(config, resolve=True))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may write it at the same time
+    temporary.write_text("\n".join(header) + "\n" + OmegaConf.to_yaml(config, resolve=True))
+    os.replace(temporary, path)
     return path
 
 
@@ -375,8 +418,15 @@ def _log_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     value = "" if trial.value is None else f" {trial.value:.4f}"
     error = f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else ""
     best_text = f"; best #{best.number} {best.value:.4f}" if best is not None else ""
-    log.info("trial %d %s%s after %s epoch(s)%s%s", trial.number, trial.state.name, value,
-             trial.user_attrs.get("epochs", "?"), error, best_text)
+    log.info(
+        "trial %d %s%s after %s epoch(s)%s%s",
+        trial.number,
+        trial.state.name,
+        value,
+        trial.user_attrs.get("epochs", "?"),
+        error,
+        best_text,
+    )
 
 
 def _write_study_files(config: DictConfig, space: SearchSpace, study_dir: Path) -> None:
@@ -384,15 +434,22 @@ def _write_study_files(config: DictConfig, space: SearchSpace, study_dir: Path) 
     (study_dir / SPACE_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(space.to_dict())))
 
 
-def _start_tracking(config: DictConfig, space: SearchSpace, study: optuna.Study, study_dir: Path,
-                    url: str) -> StudyTracking | None:
+def _start_tracking(
+    config: DictConfig, space: SearchSpace, study: optuna.Study, study_dir: Path, url: str
+) -> StudyTracking | None:
     """The study's MLflow parent run (when ``train.loggers`` has mlflow), shared by every worker."""
     if "mlflow" not in config.train.loggers:
         return None
     uri = space.settings.tracking_uri or config.train.tracking_uri or _default_tracking_uri(study_dir)
-    tracking = StudyTracking.start(uri, experiment=str(config.name), study=study, storage_label=redact(url),
-                                   known_run_id=study.user_attrs.get(_PARENT_ATTR),
-                                   artifact_root=_local_artifact_root(uri), description=_description(space))
+    tracking = StudyTracking.start(
+        uri,
+        experiment=str(config.name),
+        study=study,
+        storage_label=redact(url),
+        known_run_id=study.user_attrs.get(_PARENT_ATTR),
+        artifact_root=_local_artifact_root(uri),
+        description=_description(space),
+    )
     if study.user_attrs.get(_PARENT_ATTR) != tracking.parent_run_id:
         study.set_user_attr(_PARENT_ATTR, tracking.parent_run_id)
     return tracking
@@ -401,9 +458,11 @@ def _start_tracking(config: DictConfig, space: SearchSpace, study: optuna.Study,
 def _description(space: SearchSpace) -> dict[str, str]:
     """Search space and settings as MLflow parameters of the parent run."""
     settings = OmegaConf.to_container(OmegaConf.structured(space.settings))
-    return {**{f"space.{param.path}": param.describe() for param in space.params},
-            **{f"fixed.{path}": str(value) for path, value in space.fixed.items()},
-            **{f"study.{name}": str(value) for name, value in settings.items()}}
+    return {
+        **{f"space.{param.path}": param.describe() for param in space.params},
+        **{f"fixed.{path}": str(value) for path, value in space.fixed.items()},
+        **{f"study.{name}": str(value) for name, value in settings.items()},
+    }
 
 
 def _default_tracking_uri(study_dir: Path) -> str:
@@ -416,7 +475,7 @@ def _local_artifact_root(uri: str) -> str | None:
     """For a local SQLite store, artifacts go next to it (MLflow's default would be ./mlruns in the CWD)."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
 
 
 def _retry(make: Any, what: str, attempts: int = 4) -> Any:
@@ -448,7 +507,9 @@ def describe(result: StudyResult) -> str:
     lines = [f"study {study.study_name}: " + json.dumps(trials_summary(study))]
     best = best_trial(study)
     if best is not None:
-        lines.append(f"best trial #{best.number}: {study.user_attrs.get(_METRIC_ATTR, 'value')} = {best.value:.4f}")
+        lines.append(
+            f"best trial #{best.number}: {study.user_attrs.get(_METRIC_ATTR, 'value')} = {best.value:.4f}"
+        )
         lines += [f"  {name} = {value!r}" for name, value in best.params.items()]
     if result.best_config is not None:
         lines.append(f"best config: {result.best_config}  (cxr train -c {result.best_config})")

@@ -47,6 +47,8 @@ async function loadModel() {
 async function upload(file) {
   setStatus(`Analysing ${file.name}…`, "busy");
   elements.findings.replaceChildren();
+  elements.viewer.hidden = true;
+  hideHeatmap();
   elements.summary.textContent = "";
   elements.timing.textContent = "";
   const form = new FormData();
@@ -62,7 +64,7 @@ async function upload(file) {
   const body = await response.json().catch(() => null);
   if (!response.ok || body === null) {
     const message = body && body.error ? body.error.message : `HTTP ${response.status}`;
-    setStatus(`${file.name}: ${message}`, "error");
+    setStatus(message.includes(file.name) ? message : `${file.name}: ${message}`, "error");
     return;
   }
   showResult(file, body);
