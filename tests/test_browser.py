@@ -23,9 +23,13 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 LABELS = ["Effusion", "Infiltration", "Atelectasis"]
 THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+)
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip("headless Chromium is absent: apt-get install chromium chromium-driver", allow_module_level=True)
+    pytest.skip(
+        "headless Chromium is absent: apt-get install chromium chromium-driver", allow_module_level=True
+    )
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
@@ -38,8 +42,18 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     config.pretrained.source = "none"
     torch.manual_seed(0)
     model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle("tiny-browser", "2.1", LABELS, THRESHOLDS, "test", "sigmoid",
-                    PreprocessSpec(80, "letterbox", 64), to_container(config), {}, model.state_dict())
+    bundle = Bundle(
+        "tiny-browser",
+        "2.1",
+        LABELS,
+        THRESHOLDS,
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, "letterbox", 64),
+        to_container(config),
+        {},
+        model.state_dict(),
+    )
     add_onnx(bundle, model)
     path = bundle.save(tmp_path_factory.mktemp("bundle") / "tiny.cxr")
     with BackgroundServer(create_app(path)) as running:
@@ -51,11 +65,23 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def browser(tmp_path: Path):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver = webdriver.Chrome(
+        options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
+    )
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
@@ -71,7 +97,9 @@ def _upload(browser, server, path: Path) -> list:
     return browser.find_elements(By.CSS_SELECTOR, "#findings li.finding")
 
 
-def test_upload_shows_findings_thresholds_and_heatmaps(browser, server, nih_sample: Path, tmp_path: Path) -> None:
+def test_upload_shows_findings_thresholds_and_heatmaps(
+    browser, server, nih_sample: Path, tmp_path: Path
+) -> None:
     image = nih_sample / "images" / "00000211_000.png"
     rows = _upload(browser, server, image)
     shown = {row.get_attribute("data-label"): float(row.get_attribute("data-probability")) for row in rows}
@@ -85,12 +113,17 @@ def test_upload_shows_findings_thresholds_and_heatmaps(browser, server, nih_samp
         label = row.get_attribute("data-label")
         tick, fill = (row.find_element(By.CSS_SELECTOR, selector) for selector in (".threshold", ".fill"))
         position = browser.execute_script(
-            "const r = arguments[0].getBoundingClientRect(), bar = arguments[0].parentElement.getBoundingClientRect();"
-            "return (r.left + r.width / 2 - bar.left) / bar.width;", tick)
+            "const r = arguments[0].getBoundingClientRect();"
+            "const bar = arguments[0].parentElement.getBoundingClientRect();"
+            "return (r.left + r.width / 2 - bar.left) / bar.width;",
+            tick,
+        )
         assert position == pytest.approx(THRESHOLDS[label], abs=0.01)
         width = browser.execute_script(
-            "return arguments[0].getBoundingClientRect().width / arguments[0].parentElement.getBoundingClientRect()"
-            ".width;", fill)
+            "const bar = arguments[0].parentElement.getBoundingClientRect();"
+            "return arguments[0].getBoundingClientRect().width / bar.width;",
+            fill,
+        )
         assert width == pytest.approx(shown[label], abs=0.01)
     flagged = [row for row in rows if "positive" in row.get_attribute("class").split()]
     assert {row.get_attribute("data-label") for row in flagged} == set(api["findings"])
@@ -111,8 +144,9 @@ def test_upload_shows_findings_thresholds_and_heatmaps(browser, server, nih_samp
     assert (tmp_path / "page.png").stat().st_size > 20_000
 
 
-def test_dicom_is_previewed_and_bad_files_show_the_error(browser, server, shared_data: Path,
-                                                         tmp_path: Path) -> None:
+def test_dicom_is_previewed_and_bad_files_show_the_error(
+    browser, server, shared_data: Path, tmp_path: Path
+) -> None:
     rows = _upload(browser, server, shared_data / "dicom" / "siim_pneumothorax_sample.dcm")
     assert len(rows) == len(LABELS)
     assert "DICOM" in browser.find_element(By.ID, "image-caption").text

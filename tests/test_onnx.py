@@ -16,7 +16,12 @@ from cxrkit.data.decode import read_image
 from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_int8, add_onnx
 from cxrkit.inference.onnx_export import MIN_OPSET, create_session, export_onnx, run_session
 from cxrkit.inference.predictor import Predictor
-from cxrkit.inference.quantize import QuantizationReport, accept_quantization, evaluate_quantization, mean_auroc
+from cxrkit.inference.quantize import (
+    QuantizationReport,
+    accept_quantization,
+    evaluate_quantization,
+    mean_auroc,
+)
 from cxrkit.models.config import ModelConfig
 from cxrkit.models.factory import create_model
 
@@ -34,7 +39,9 @@ def _network(arch: str) -> tuple[torch.nn.Module, dict]:
 def nih_rows(nih_sample: Path) -> pd.DataFrame:
     entries = pd.read_csv(nih_sample / "Data_Entry_2017_subset.csv").sort_values("Image Index").head(24)
     for label in LABELS:
-        entries[label] = entries["Finding Labels"].str.split("|").apply(lambda f, label=label: float(label in f))
+        entries[label] = (
+            entries["Finding Labels"].str.split("|").apply(lambda f, label=label: float(label in f))
+        )
     entries["path"] = [str(nih_sample / "images" / name) for name in entries["Image Index"]]
     return entries.reset_index(drop=True)
 
@@ -42,7 +49,11 @@ def nih_rows(nih_sample: Path) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def real_paths(nih_rows: pd.DataFrame, shared_data: Path) -> list[Path]:
     jpegs = sorted((shared_data / "pneumonia" / "train" / "NORMAL").glob("*.jpeg"))[:2]
-    return [Path(p) for p in nih_rows["path"][:3]] + jpegs + [shared_data / "dicom" / "siim_pneumothorax_sample.dcm"]
+    return (
+        [Path(p) for p in nih_rows["path"][:3]]
+        + jpegs
+        + [shared_data / "dicom" / "siim_pneumothorax_sample.dcm"]
+    )
 
 
 def _model_input(spec: PreprocessSpec, paths: list[Path]) -> np.ndarray:
@@ -66,9 +77,12 @@ def test_graph_has_dynamic_batch_and_a_recent_opset(tmp_path: Path) -> None:
         export_onnx(model, tmp_path / "old.onnx", crop_size=64, opset=13)
 
 
-@pytest.mark.parametrize(("arch", "size", "crop"), [("resnet18", 80, 64), ("tf_efficientnet_lite0", 128, 112)])
-def test_onnx_runtime_matches_pytorch_on_real_images(arch: str, size: int, crop: int, real_paths: list[Path],
-                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "size", "crop"), [("resnet18", 80, 64), ("tf_efficientnet_lite0", 128, 112)]
+)
+def test_onnx_runtime_matches_pytorch_on_real_images(
+    arch: str, size: int, crop: int, real_paths: list[Path], tmp_path: Path
+) -> None:
     model, _ = _network(arch)
     spec = PreprocessSpec(size, "letterbox", crop)
     images = _model_input(spec, real_paths)
@@ -82,8 +96,18 @@ def test_onnx_runtime_matches_pytorch_on_real_images(arch: str, size: int, crop:
 
 def test_bundle_records_parity(real_paths: list[Path]) -> None:
     model, config = _network("resnet18")
-    bundle = Bundle("t", "1", LABELS, dict.fromkeys(LABELS, 0.5), "test", "sigmoid", PreprocessSpec(80, "crop", 64),
-                    config, {}, model.state_dict())
+    bundle = Bundle(
+        "t",
+        "1",
+        LABELS,
+        dict.fromkeys(LABELS, 0.5),
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, "crop", 64),
+        config,
+        {},
+        model.state_dict(),
+    )
     sample = np.stack([bundle.preprocess.cache_image(read_image(path))[0] for path in real_paths])
     add_onnx(bundle, model, sample=sample)
     assert bundle.onnx is not None and 0 <= bundle.onnx_parity < 1e-4
@@ -91,8 +115,15 @@ def test_bundle_records_parity(real_paths: list[Path]) -> None:
 
 @pytest.mark.parametrize(
     ("fp32", "int8", "accepted"),
-    [(0.80, 0.80, True), (0.80, 0.7951, True), (0.80, 0.795, False), (0.80, 0.70, False), (0.80, 0.81, True),
-     (float("nan"), 0.8, False), (0.8, float("nan"), False)],
+    [
+        (0.80, 0.80, True),
+        (0.80, 0.7951, True),
+        (0.80, 0.795, False),
+        (0.80, 0.70, False),
+        (0.80, 0.81, True),
+        (float("nan"), 0.8, False),
+        (0.8, float("nan"), False),
+    ],
 )
 def test_gate_accepts_only_drops_below_the_limit(fp32: float, int8: float, accepted: bool) -> None:
     assert accept_quantization(fp32, int8, 0.005) is accepted
@@ -114,8 +145,18 @@ def test_mean_auroc_skips_undefined_labels() -> None:
 @pytest.fixture(scope="module")
 def quantisable(nih_rows: pd.DataFrame) -> tuple[Bundle, np.ndarray, np.ndarray]:
     model, config = _network("resnet18")
-    bundle = Bundle("t", "1", LABELS, dict.fromkeys(LABELS, 0.5), "test", "sigmoid",
-                    PreprocessSpec(80, "letterbox", 64), config, {}, model.state_dict())
+    bundle = Bundle(
+        "t",
+        "1",
+        LABELS,
+        dict.fromkeys(LABELS, 0.5),
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, "letterbox", 64),
+        config,
+        {},
+        model.state_dict(),
+    )
     add_onnx(bundle, model)
     images = np.stack([bundle.preprocess.cache_image(read_image(path))[0] for path in nih_rows["path"]])
     return bundle, images, nih_rows[LABELS].to_numpy()
@@ -127,8 +168,9 @@ def test_quantisation_is_measured_on_real_validation_images(quantisable) -> None
 
     int8 = quantize_onnx(bundle.onnx)
     assert len(int8) < len(bundle.onnx) / 2  # weights are int8
-    report = evaluate_quantization(bundle.onnx, int8, images, targets, LABELS,
-                                   transform=bundle.preprocess.model_input)
+    report = evaluate_quantization(
+        bundle.onnx, int8, images, targets, LABELS, transform=bundle.preprocess.model_input
+    )
     assert report.n_images == len(images) and report.labels_scored == LABELS
     assert 0 <= report.auroc_fp32 <= 1 and 0 <= report.auroc_int8 <= 1
     assert report.accepted is (report.drop < 0.005)

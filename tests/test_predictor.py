@@ -35,8 +35,18 @@ def tiny_bundle(onnx: bool = True, policy: str = "letterbox") -> Bundle:
     config.pretrained.source = "none"
     torch.manual_seed(0)
     model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle("tiny", "1.0", LABELS, THRESHOLDS, "test", "sigmoid",
-                    PreprocessSpec(80, policy, 64), to_container(config), {}, model.state_dict())
+    bundle = Bundle(
+        "tiny",
+        "1.0",
+        LABELS,
+        THRESHOLDS,
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, policy, 64),
+        to_container(config),
+        {},
+        model.state_dict(),
+    )
     if onnx:
         add_onnx(bundle, model)
     return bundle
@@ -71,7 +81,9 @@ def with_corrupt(real_files: list[Path], tmp_path_factory: pytest.TempPathFactor
     return [*real_files[:2], corrupt, *real_files[2:]]
 
 
-def test_predicts_real_files_and_reports_the_corrupt_one(predictor: Predictor, with_corrupt: list[Path]) -> None:
+def test_predicts_real_files_and_reports_the_corrupt_one(
+    predictor: Predictor, with_corrupt: list[Path]
+) -> None:
     results = predictor.predict(with_corrupt)
     assert [r.source for r in results] == [str(p) for p in with_corrupt]
     bad = results[2]
@@ -90,18 +102,33 @@ def test_probabilities_match_the_network_on_training_preprocessing(
     predictor: Predictor, real_files: list[Path], tmp_path: Path
 ) -> None:
     """The predictor's input is the training cache image put through the evaluation transform."""
-    manifest = Manifest(pd.DataFrame({
-        "path": [str(p) for p in real_files], "patient_id": [f"p{i}" for i in range(len(real_files))],
-        "study_id": "", "view": "", "sex": "", "age": np.nan, "split": "val", "source": "test",
-    }), [])
-    prepare_cache(manifest, tmp_path / "cache", image_size=80, resize_policy="letterbox", workers=1, progress=False)
+    manifest = Manifest(
+        pd.DataFrame(
+            {
+                "path": [str(p) for p in real_files],
+                "patient_id": [f"p{i}" for i in range(len(real_files))],
+                "study_id": "",
+                "view": "",
+                "sex": "",
+                "age": np.nan,
+                "split": "val",
+                "source": "test",
+            }
+        ),
+        [],
+    )
+    prepare_cache(
+        manifest, tmp_path / "cache", image_size=80, resize_policy="letterbox", workers=1, progress=False
+    )
     cache = open_cache(tmp_path / "cache")
     prepared = [predictor.prepare(path, str(path)) for path in real_files]
     for index, item in enumerate(prepared):
         assert np.array_equal(item.cache_image, cache.image(index))
     from cxrkit.data.augment import eval_transform
 
-    batch = eval_transform(torch.from_numpy(cache.images(range(len(real_files)))).float().div(255)[:, None], 64)
+    batch = eval_transform(
+        torch.from_numpy(cache.images(range(len(real_files)))).float().div(255)[:, None], 64
+    )
     with torch.no_grad():
         expected = torch.sigmoid(predictor.torch_model(batch)).double().numpy()
     got = np.array([[r.probabilities[label] for label in LABELS] for r in predictor.predict(real_files)])
@@ -132,12 +159,15 @@ def test_arrays_are_accepted(predictor: Predictor, real_files: list[Path]) -> No
 def test_heatmaps_cover_the_original_image(bundle_path: Path, real_files: list[Path]) -> None:
     predictor = Predictor.from_bundle(bundle_path, backend="torch")
     jpeg = real_files[2]
-    positive, chosen = predictor.predict([jpeg], heatmaps=True)[0], predictor.predict([jpeg], ["Atelectasis"])[0]
+    positive, chosen = (
+        predictor.predict([jpeg], heatmaps=True)[0],
+        predictor.predict([jpeg], ["Atelectasis"])[0],
+    )
     assert set(positive.heatmaps) == set(positive.findings) and "Effusion" in positive.heatmaps
     assert list(chosen.heatmaps) == ["Atelectasis"]
     heatmap = positive.heatmaps["Effusion"]
     assert heatmap.shape == (224, 224) and heatmap.dtype == np.float32
-    assert 0.0 <= heatmap.min() and heatmap.max() <= 1.0 and heatmap.max() > 0.1
+    assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.1
     with pytest.raises(ValueError, match="unknown labels"):
         predictor.predict([jpeg], heatmaps=["Nodule"])
 
@@ -161,10 +191,22 @@ def test_expand_inputs(real_files: list[Path], tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("x")
     table = tmp_path / "list.csv"
     pd.DataFrame({"path": ["images/a.png", str(real_files[2])]}).to_csv(table, index=False)
-    paths, problems = expand_inputs([str(folder), str(tmp_path / "images" / "*.png"), str(table),
-                                     str(tmp_path / "missing.png"), str(tmp_path / "*.jpeg")])
-    assert paths == [str(folder / "a.png"), str(folder / "nested" / "b.dcm"), str(folder / "a.png"),
-                     str(tmp_path / "images" / "a.png"), str(real_files[2])]
+    paths, problems = expand_inputs(
+        [
+            str(folder),
+            str(tmp_path / "images" / "*.png"),
+            str(table),
+            str(tmp_path / "missing.png"),
+            str(tmp_path / "*.jpeg"),
+        ]
+    )
+    assert paths == [
+        str(folder / "a.png"),
+        str(folder / "nested" / "b.dcm"),
+        str(folder / "a.png"),
+        str(tmp_path / "images" / "a.png"),
+        str(real_files[2]),
+    ]
     assert [reason for _, reason in problems] == ["no such file or folder", "no file matches the pattern"]
 
 
@@ -191,8 +233,18 @@ def test_cli_predict_csv_and_json(bundle_path: Path, with_corrupt: list[Path], t
 
 def test_cli_predict_writes_heatmaps(bundle_path: Path, real_files: list[Path], tmp_path: Path) -> None:
     maps = tmp_path / "maps"
-    result = CliRunner().invoke(cli, ["predict", str(bundle_path), str(real_files[3]), "--out",
-                                      str(tmp_path / "r.json"), "--heatmaps", str(maps)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(bundle_path),
+            str(real_files[3]),
+            "--out",
+            str(tmp_path / "r.json"),
+            "--heatmaps",
+            str(maps),
+        ],
+    )
     assert result.exit_code == 0, result.output
     flagged = json.loads((tmp_path / "r.json").read_text())["predictions"][0]["findings"]
     written = sorted(path.name for path in maps.iterdir())
@@ -203,9 +255,19 @@ def test_cli_predict_writes_heatmaps(bundle_path: Path, real_files: list[Path], 
         assert overlay.mode == "RGB" and overlay.size == (1024, 1024)
 
 
-def test_cli_predict_fails_when_nothing_is_predictable(bundle_path: Path, with_corrupt: list[Path],
-                                                       tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["predict", str(bundle_path), str(with_corrupt[2]), str(tmp_path / "x.png"),
-                                      "--out", str(tmp_path / "r.csv")])
+def test_cli_predict_fails_when_nothing_is_predictable(
+    bundle_path: Path, with_corrupt: list[Path], tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(bundle_path),
+            str(with_corrupt[2]),
+            str(tmp_path / "x.png"),
+            "--out",
+            str(tmp_path / "r.csv"),
+        ],
+    )
     assert result.exit_code != 0
     assert "no image could be predicted" in result.output and "no such file" in result.output

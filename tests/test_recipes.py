@@ -19,26 +19,11 @@ from cxrkit.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
-NIH_IMAGES = 48
-PNEUMONIA_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory, nih_sample: Path, pneumonia_root: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    nih = root / "nih"
-    (nih / "images").mkdir(parents=True)
-    entries = pd.read_csv(nih_sample / "Data_Entry_2017_subset.csv").head(NIH_IMAGES)
-    entries.to_csv(nih / "Data_Entry_2017_subset.csv", index=False)
-    for name in entries["Image Index"]:
-        (nih / "images" / name).symlink_to(nih_sample / "images" / name)
-    (nih / "official_split").symlink_to(nih_sample / "official_split")
-    folder = root / "pneumonia" / "train"
-    for label in ("NORMAL", "PNEUMONIA"):
-        (folder / label).mkdir(parents=True)
-        for image in sorted((pneumonia_root / "train" / label).glob("*.jpeg"))[:PNEUMONIA_IMAGES]:
-            (folder / label / image.name).symlink_to(image)
-    return {"nih": nih, "folder": folder}
+def tiny_data(tiny_data_root: Path) -> dict[str, Path]:
+    return {"nih": tiny_data_root / "nih", "folder": tiny_data_root / "pneumonia" / "train"}
 
 
 def tiny_overrides(recipe: str, data: dict[str, Path], out: Path) -> list[str]:

@@ -38,8 +38,18 @@ def tiny_bundle() -> Bundle:
     config.pretrained.source = "none"
     torch.manual_seed(0)
     model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle("tiny", "1.0", LABELS, THRESHOLDS, "test", "sigmoid", PreprocessSpec(80, "letterbox", 64),
-                    to_container(config), {}, model.state_dict())
+    bundle = Bundle(
+        "tiny",
+        "1.0",
+        LABELS,
+        THRESHOLDS,
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, "letterbox", 64),
+        to_container(config),
+        {},
+        model.state_dict(),
+    )
     add_onnx(bundle, model)
     return bundle
 
@@ -150,7 +160,10 @@ def test_bad_uploads_are_4xx_json(client: TestClient, case: str) -> None:
 def test_truncated_file_names_the_problem(client: TestClient, png: bytes) -> None:
     response = _upload(client, "cut.png", png[: len(png) // 3], "image/png")
     assert response.status_code == 422
-    assert "truncated" in response.json()["error"]["message"] and "cut.png" in response.json()["error"]["message"]
+    assert (
+        "truncated" in response.json()["error"]["message"]
+        and "cut.png" in response.json()["error"]["message"]
+    )
     assert "bomb" in _upload(client, "bomb.png", _bomb_png(), "image/png").json()["error"]["message"]
     assert "no pixel data" in _upload(client, "x.dcm", _dicom_without_pixels(), "application/dicom").text
 
@@ -161,13 +174,15 @@ def test_oversize_upload_is_refused_while_reading(client: TestClient, png: bytes
     assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
 
     def stream():  # no Content-Length: the limit must hold while the body streams in
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
         yield b"Content-Type: image/png\r\n\r\n"
         for _ in range(8):
             yield b"\0" * (LIMIT // 4)
         yield b"\r\n--b--\r\n"
 
-    response = client.post("/v1/predict", content=stream(), headers={"content-type": "multipart/form-data; boundary=b"})
+    response = client.post(
+        "/v1/predict", content=stream(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
     assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
 
 
@@ -176,8 +191,11 @@ def test_malformed_requests(client: TestClient, png: bytes) -> None:
     assert raw.status_code == 415 and raw.json()["error"]["code"] == "unsupported_media_type"
     no_file = client.post("/v1/predict", data={"comment": "hello"}, files={"other": (None, b"x")})
     assert no_file.status_code == 400 and no_file.json()["error"]["code"] == "missing_file"
-    broken = client.post("/v1/predict", content=b"--zz\r\ngarbage",
-                         headers={"content-type": "multipart/form-data; boundary=zz"})
+    broken = client.post(
+        "/v1/predict",
+        content=b"--zz\r\ngarbage",
+        headers={"content-type": "multipart/form-data; boundary=zz"},
+    )
     assert broken.status_code == 400, broken.text
     bad_query = _upload(client, "a.png", png, "image/png", "?heatmaps=perhaps")
     assert bad_query.status_code == 422 and bad_query.json()["error"]["code"] == "invalid_parameters"
@@ -238,8 +256,9 @@ def test_eight_concurrent_clients_on_loopback(bundle_path: Path, png: bytes, sha
             statuses = []
             with httpx.Client(base_url=server.url, timeout=60) as http:
                 for request in range(4):
-                    name, data, kind = ("a.dcm", dicom, "application/dicom") if request % 2 else ("a.png", png,
-                                                                                              "image/png")
+                    name, data, kind = (
+                        ("a.dcm", dicom, "application/dicom") if request % 2 else ("a.png", png, "image/png")
+                    )
                     response = http.post("/v1/predict", files={"file": (name, data, kind)})
                     statuses.append(response.status_code)
                     assert response.json()["findings"][0] in LABELS

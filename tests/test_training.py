@@ -28,7 +28,7 @@ from cxrkit.cli.main import cli
 from cxrkit.config import load_config
 from cxrkit.models.factory import create_model
 from cxrkit.training import run
-from cxrkit.training.callbacks import monitor_mode
+from cxrkit.training.callbacks import AtomicCheckpointIO, monitor_mode
 from cxrkit.training.module import CXRClassifier, MaskedMultilabelAUROC, mean_over_findings, tta_views
 from cxrkit.training.stages import StagedLRLambda, apply_stage, resolve_stages, stage_at
 
@@ -432,6 +432,8 @@ def test_module_rejects_bad_settings():
         build_optimizer(config.train.optimizer, module.model)
     with pytest.raises(ValueError, match=r"train\.scheduler\.name"):
         CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.scheduler.name=step"]).train)
+    with pytest.raises(ValueError, match=r"train\.monitor"):
+        CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.monitor=val/auroc/Hernia"]).train)
     mixed = "train.stages=[{loss: {name: ce}}, {loss: {name: bce}}]"
     with pytest.raises(ValueError, match="mix"):
         CXRClassifier(TinyNet(4), LABELS, load_config(None, [mixed]).train)
@@ -464,3 +466,36 @@ def test_hardware_settings_on_cpu():
     frozen = load_config(None, ["train.strategy=ddp", 'train.stages=[{trainable: ["head.*"]}]']).train
     assert run._hardware_args(frozen)["strategy"] == "ddp_find_unused_parameters_true"
     assert run._limit(1.0) == 1.0 and run._limit(0.25) == 0.25 and run._limit(3.0) == 3
+
+
+def test_only_the_first_process_prepares_the_cache(monkeypatch):
+    for variable in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    assert run._is_first_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not run._is_first_process()
+    monkeypatch.setenv("RANK", "0")
+    assert run._is_first_process()
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert not run._is_first_process()
+
+
+class _FailsWhilePickled:
+    def __reduce__(self):
+        raise RuntimeError("interrupted while writing")
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"weights": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        io.save_checkpoint({"weights": torch.zeros(3), "later": _FailsWhilePickled()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.ones(3))
+    assert [child.name for child in tmp_path.iterdir()] == ["last.ckpt"]
+    partial = tmp_path / ".last.ckpt.tmp-12345"  # what a SIGKILL during a save leaves behind
+    partial.write_bytes(b"PK\x03")
+    run._remove_partial_checkpoints(tmp_path)
+    assert not partial.exists() and path.exists()

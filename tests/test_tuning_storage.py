@@ -163,15 +163,12 @@ def test_interrupted_study_resumes_and_fails_the_killed_trial(tmp_path):
         write_report=False,
     )
     trials = result.study.trials
-    assert [t.state for t in trials] == [
-        TrialState.COMPLETE,
-        TrialState.FAIL,
-        TrialState.COMPLETE,
-        TrialState.COMPLETE,
-    ]
-    assert (
-        len(trials[1].intermediate_values) == 1 and "epochs" not in trials[1].user_attrs
-    )  # killed in epoch 2
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], (
+        "the killed trial is failed and does not count towards the 3 trials"
+    )
+    killed = trials[1]
+    assert len(killed.intermediate_values) == 1 and "epochs" not in killed.user_attrs  # killed in epoch 2
     assert result.best_config is not None
 
 

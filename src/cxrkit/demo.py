@@ -110,23 +110,62 @@ def demo_config(dataset: DemoDataset, out: Path, extra: list[str]) -> DictConfig
     return load_config(CONFIG_DIR / dataset.recipe, overrides)
 
 
-def run_demo(
-    data: str | None, out: Path, extra: list[str], echo: Callable[[str], None] = print
-) -> DemoResult:
-    """Prepare and describe every dataset found (later stages extend this)."""
-    from cxrkit.cli.data import prepare
-    from cxrkit.data.describe import describe_cache
+QUICK_OVERRIDES = ["train.limit_train_batches=0.2", "train.limit_val_batches=0.5"]
 
+
+def run_demo(
+    data: str | None,
+    out: Path,
+    extra: list[str],
+    echo: Callable[[str], None] = print,
+    quick: bool = False,
+) -> DemoResult:
+    """Every stage on every dataset found: prepare → describe → train → evaluate → explain → export."""
     root = locate_data(data)
     echo(f"data: {root.resolve()}")
     result = DemoResult()
     for dataset in datasets_in(root):
-        config = demo_config(dataset, out, extra)
-        echo(f"[{dataset.name}] preparing the cache in {config.data.cache.dir}")
-        report = prepare(config)
-        echo(f"[{dataset.name}] {report.n_images} images cached, {report.n_failed} unreadable")
-        eda = describe_cache(
-            config.data.cache.dir, Path(config.output_dir) / "describe", config.data.augment, seed=config.seed
-        )
-        result.outputs[f"{dataset.name} data report"] = eda
+        config = demo_config(dataset, out, [*(QUICK_OVERRIDES if quick else []), *extra])
+        result.outputs.update(run_pipeline(dataset.name, config, echo))
     return result
+
+
+def run_pipeline(name: str, config: DictConfig, echo: Callable[[str], None]) -> dict[str, Path]:
+    """One dataset through the whole pipeline; returns the outputs people look at."""
+    from cxrkit.cli.data import prepare
+    from cxrkit.data.describe import describe_cache
+    from cxrkit.evaluation.run import evaluate_run
+    from cxrkit.explain.run import explain_run
+    from cxrkit.inference.bundle import export_run
+
+    outputs: dict[str, Path] = {}
+    echo(f"[{name}] preparing the cache in {config.data.cache.dir}")
+    report = prepare(config)
+    echo(f"[{name}] {report.n_images} images cached, {report.n_failed} unreadable")
+    outputs[f"{name} data report"] = describe_cache(
+        config.data.cache.dir, Path(config.output_dir) / "describe", config.data.augment, seed=config.seed
+    )
+    run_dir = train_or_resume(config, echo, name)
+    outputs[f"{name} run"] = run_dir
+    echo(f"[{name}] evaluating on the test split")
+    outputs[f"{name} evaluation report"] = evaluate_run(run_dir, "test")["html"]
+    echo(f"[{name}] Grad-CAM heatmaps")
+    outputs[f"{name} heatmap gallery"] = explain_run(run_dir, split="test", limit=8)
+    bundle_path = Path(config.output_dir) / f"{name}.cxr"
+    echo(f"[{name}] exporting the model bundle (with ONNX)")
+    export_run(run_dir, bundle_path, onnx=True)
+    outputs[f"{name} model bundle"] = bundle_path
+    echo(f"[{name}] serve it with: cxr serve {bundle_path}")
+    return outputs
+
+
+def train_or_resume(config: DictConfig, echo: Callable[[str], None], name: str) -> Path:
+    """Train the recipe, or finish an earlier (possibly interrupted) demo run in the same place."""
+    from cxrkit.training.run import train
+
+    run_dir = Path(config.output_dir)
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        echo(f"[{name}] resuming the run in {run_dir}")
+        return train(config, resume=run_dir)
+    echo(f"[{name}] training {config.model.arch} into {run_dir}")
+    return train(config)

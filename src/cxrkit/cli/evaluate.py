@@ -256,7 +256,7 @@ def explain(
             checkpoint=checkpoint,
             method=method,
             findings=findings.split(",") if findings else None,
-            top_k=top_k or 3,
+            top_k=top_k,
             target_layer=target_layer,
             limit=limit,
             boxes=None if no_boxes else boxes or "auto",

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EXPLAIN_DIR = "explain"
 LOCALIZATION_DIR = "localization"
 DEFAULT_LIMIT = 16
+DEFAULT_TOP_K = 3
 BOX_FILE_PATTERNS: tuple[str, ...] = ("BBox_List_2017*.csv", "BBox_List_2017*.csv.gz")
 
 
@@ -78,7 +79,7 @@ def run_explanation(
     checkpoint: str = "best",
     method: str = "gradcam",
     findings: Sequence[str] | None = None,
-    top_k: int = 3,
+    top_k: int | None = None,
     target_layer: str | None = None,
     limit: int | None = None,
     boxes: str | Path | None = "auto",
@@ -91,12 +92,15 @@ def run_explanation(
     """Explain the run directory or bundle at ``path`` on ``images`` (files, folders, globs or CSVs of
     paths) or, without images, on up to ``limit`` (default 16) images of ``split``.
 
-    ``findings``: label names explained in every image (default: each image's ``top_k`` most likely).
+    ``findings``: label names explained in every image (default: each image's ``top_k`` most likely;
+    ``top_k`` defaults to 3, or the number of labels when the model has fewer).
     ``boxes``: ``"auto"`` (look next to the NIH source), a box file, or None for no localisation scoring.
     """
     method = method_name(method)
     loaded = load_model(path, checkpoint, config)
     targets = resolve_findings(findings, loaded.labels)
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, len(loaded.labels))
     if not 1 <= top_k <= len(loaded.labels):
         raise ValueError(f"top_k must be in 1..{len(loaded.labels)} (the model's outputs), got {top_k}")
     if limit is not None and limit < 1:

@@ -562,15 +562,18 @@ async def _predict(
             if requested is not None
             else _default_heatmap_labels(predictor, probabilities, heatmaps, heatmap_top)
         )
-        overlays, preview_png = await loop.run_in_executor(
-            service.heatmap_pool if explain else service.decode_pool,
-            _render,
-            predictor,
-            prepared,
-            explain,
-            preview,
-            service.settings.preview_max_side,
-        )
+        overlays: dict[str, str] = {}
+        preview_png = None
+        if explain or preview:
+            overlays, preview_png = await loop.run_in_executor(
+                service.heatmap_pool if explain else service.decode_pool,
+                _render,
+                predictor,
+                prepared,
+                explain,
+                preview,
+                service.settings.preview_max_side,
+            )
         finished = time.perf_counter()
     finally:
         service.in_flight -= 1

@@ -36,7 +36,6 @@ from cxrkit.training.callbacks import monitor_mode
 from cxrkit.training.losses import build_loss
 from cxrkit.training.stages import (
     SCHEDULES,
-    Stage,
     apply_stage,
     frozen_batchnorms,
     resolve_stages,
@@ -164,6 +163,12 @@ class CXRClassifier(LightningModule):
             raise ValueError(
                 f"train.scheduler.name must be one of {list(SCHEDULES)}, got {train_cfg.scheduler.name!r}"
             )
+        monitors = ["val/loss", "val/auroc_mean", *(f"val/auroc/{label}" for label in self.labels)]
+        if train_cfg.monitor not in monitors:
+            raise ValueError(
+                f"train.monitor must be val/loss, val/auroc_mean or val/auroc/<label> with a label of "
+                f"{self.labels}; got {train_cfg.monitor!r}"
+            )
         if train_cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -179,17 +184,17 @@ class CXRClassifier(LightningModule):
 
     def predict_probabilities(self, images: Tensor, tta: bool = False) -> Tensor:
         """Class probabilities, averaged over :func:`tta_views` when ``tta``."""
-        if not tta:
-            return self.probabilities(self(images))
-        return torch.stack([self.probabilities(self(view)) for view in tta_views(images)]).mean(dim=0)
+        probs = self.probabilities(self(images))
+        return self._average_over_views(images, probs) if tta else probs
+
+    def _average_over_views(self, images: Tensor, probs: Tensor) -> Tensor:
+        """Mean of ``probs`` (those of ``images`` itself) and the probabilities of the other TTA views."""
+        others = [self.probabilities(self(view)) for view in tta_views(images)[1:]]
+        return torch.stack([probs, *others]).mean(dim=0)
 
     @property
     def loss_fn(self) -> nn.Module:
         return self.losses[self.stage_index]
-
-    @property
-    def current_stage(self) -> Stage:
-        return self.stages[self.stage_index]
 
     # ---- stages --------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -259,7 +264,9 @@ class CXRClassifier(LightningModule):
         images, targets = batch
         logits = self(images)
         loss_metric.update(self.loss_fn(logits, targets), weight=len(images))
-        probs = self.predict_probabilities(images, tta=True) if tta else self.probabilities(logits)
+        probs = self.probabilities(logits)
+        if tta:
+            probs = self._average_over_views(images, probs)
         auroc_metric.update(probs, self._multilabel_targets(targets, probs.shape[1]))
 
     def _multilabel_targets(self, targets: Tensor, num_classes: int) -> Tensor:
@@ -272,11 +279,6 @@ class CXRClassifier(LightningModule):
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_epoch_metrics("val", self.val_loss, self.val_auroc)
         if self.plateau is not None and not self.trainer.sanity_checking:
-            if self.train_cfg.monitor not in metrics:
-                raise ValueError(
-                    f"train.monitor {self.train_cfg.monitor!r} is not a validation metric; "
-                    f"choose one of {sorted(metrics)}"
-                )
             self.plateau.step(float(metrics[self.train_cfg.monitor]))
 
     def on_test_epoch_end(self) -> None:
@@ -285,9 +287,10 @@ class CXRClassifier(LightningModule):
     def _log_epoch_metrics(
         self, split: str, loss_metric: MeanMetric, auroc_metric: MaskedMultilabelAUROC
     ) -> dict[str, Tensor]:
-        """Log ``<split>/loss``, ``<split>/auroc/<label>`` and ``<split>/auroc_mean``; return them."""
+        """Log ``<split>/loss``, ``<split>/auroc/<label>`` (NaN when skipped) and ``<split>/auroc_mean``."""
         aurocs = auroc_metric.compute()
-        metrics = {f"{split}/auroc/{label}": value for label, value in aurocs.items()}
+        nan = torch.tensor(float("nan"), device=self.device)
+        metrics = {f"{split}/auroc/{label}": aurocs.get(label, nan) for label in self.labels}
         metrics[f"{split}/auroc_mean"] = mean_over_findings(aurocs)
         metrics[f"{split}/loss"] = loss_metric.compute()
         auroc_metric.reset()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -135,6 +136,7 @@ def fit(
         _truncate_metrics(
             run_dir / METRICS_FILE, torch.load(last, map_location="cpu", weights_only=False)["epoch"]
         )
+        _remove_partial_checkpoints(run_dir / CHECKPOINT_DIR)
     elif last.exists():
         raise FileExistsError(
             f"{run_dir} already holds a trained run ({last}); continue it with "
@@ -167,7 +169,8 @@ def test(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
     """Evaluate ``checkpoints/<checkpoint>.ckpt`` of ``run_dir`` on the test split; return the JSON path."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
-    return evaluate_checkpoint(config, build_datamodule(config), model_factory(config), run_dir, checkpoint)
+    build_model = model_factory(config, pretrained=False)
+    return evaluate_checkpoint(config, build_datamodule(config), build_model, run_dir, checkpoint)
 
 
 def evaluate_checkpoint(
@@ -204,7 +207,7 @@ def evaluate_checkpoint(
         payload = {
             "checkpoint": str(path.relative_to(run_dir)),
             "tta": bool(config.train.tta),
-            "metrics": {name: float(value) for name, value in sorted(results.items())},
+            "metrics": {name: _json_number(value) for name, value in sorted(results.items())},
         }
         out.write_text(json.dumps(payload, indent=2))
         log.info("test metrics written to %s", out)
@@ -236,7 +239,7 @@ def build_datamodule(config: DictConfig) -> LightningDataModule:
     from cxrkit.data.dataset import CXRDataModule
 
     cache = config.data.cache
-    if _launch_rank() == 0:
+    if _is_first_process():
         prepare_cache(
             build_manifest(config.data),
             cache.dir,
@@ -248,10 +251,15 @@ def build_datamodule(config: DictConfig) -> LightningDataModule:
     return CXRDataModule(config.data, cache.dir, seed=int(config.seed))
 
 
-def model_factory(config: DictConfig) -> ModelFactory:
+def model_factory(config: DictConfig, pretrained: bool = True) -> ModelFactory:
+    """``num_labels -> network`` from ``config.model``. ``pretrained=False`` skips fetching initial weights,
+    for a network a checkpoint then fills (it supplies every weight and the input normalisation buffers)."""
     from cxrkit.models.factory import create_model
 
-    return lambda num_labels: create_model(config.model, num_labels)
+    model_cfg = config.model
+    if not pretrained:
+        model_cfg = OmegaConf.merge(model_cfg, {"pretrained": {"source": "none"}})
+    return lambda num_labels: create_model(model_cfg, num_labels)
 
 
 def build_loggers(
@@ -314,13 +322,11 @@ class TrainedModel:
 
 def load_trained_model(run_dir: str | Path, checkpoint: str = BEST_NAME) -> TrainedModel:
     """The network of ``run_dir`` with the weights of ``checkpoints/<checkpoint>.ckpt`` (EMA when used)."""
-    from cxrkit.models.factory import create_model
-
     path = checkpoint_path(run_dir, checkpoint)
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     metadata = state[CHECKPOINT_METADATA_KEY]
     config = OmegaConf.create(metadata["config"])
-    model = create_model(config.model, len(metadata["labels"]))
+    model = model_factory(config, pretrained=False)(len(metadata["labels"]))
     weights = {
         name[len("model.") :]: value
         for name, value in state["state_dict"].items()
@@ -432,12 +438,19 @@ def _setup_data(datamodule: LightningDataModule, stage: str = "fit") -> None:
     datamodule.setup(stage)
 
 
-def _launch_rank() -> int:
-    """Global rank from the launcher's environment (torchrun, SLURM, Lightning's DDP launcher); 0 if none."""
-    for variable in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+def _is_first_process() -> bool:
+    """Whether this is global rank 0 according to the launcher's environment: torchrun and SLURM set the
+    global rank; Lightning's own launcher sets LOCAL_RANK for the processes it starts, the user NODE_RANK."""
+    for variable in ("RANK", "SLURM_PROCID"):
         if os.environ.get(variable, "").isdigit():
-            return int(os.environ[variable])
-    return 0
+            return int(os.environ[variable]) == 0
+    return all(int(os.environ.get(variable, "0") or 0) == 0 for variable in ("NODE_RANK", "LOCAL_RANK"))
+
+
+def _json_number(value: Any) -> float | None:
+    """A float for JSON; None (``null``) for NaN, e.g. the AUROC of a label without both classes."""
+    number = float(value)
+    return None if math.isnan(number) else number
 
 
 @rank_zero_only
@@ -452,6 +465,13 @@ def _write_run_files(config: DictConfig, labels: list[str], run_dir: Path) -> No
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / CONFIG_FILE)
     (run_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
+
+
+@rank_zero_only
+def _remove_partial_checkpoints(checkpoint_dir: Path) -> None:
+    """Temporary files of saves that a kill interrupted (the checkpoints they were replacing are intact)."""
+    for partial in checkpoint_dir.glob(".*.ckpt.tmp-*"):
+        partial.unlink()
 
 
 @rank_zero_only

@@ -154,7 +154,7 @@ def _plots() -> list[tuple[str, str, str, Callable[[Study], object]]]:
             "learning_curves",
             "Learning curves",
             "Validation metric per epoch; pruned trials stop early",
-            vis.plot_intermediate_values,
+            _learning_curves,
         ),
         (
             "param_importances",
@@ -170,3 +170,14 @@ def _plots() -> list[tuple[str, str, str, Callable[[Study], object]]]:
         ),
         ("timeline", "Timeline", "When each trial ran, by state", vis.plot_timeline),
     ]
+
+
+def _learning_curves(study: Study) -> object:
+    """Optuna's intermediate values plot, labelled for epochs and the study's metric."""
+    from optuna.visualization.matplotlib import plot_intermediate_values
+
+    axes = plot_intermediate_values(study)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(study.user_attrs.get("cxrkit.metric", "intermediate value"))
+    axes.set_title("Learning curves")
+    return axes

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -189,7 +190,7 @@ def load_space(path: str | Path, settings_overrides: Mapping[str, Any] | None = 
         raise SpaceError(f"search space file not found: {path}")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except (OmegaConfBaseException, ValueError) as error:
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
         raise SpaceError(f"cannot read search space {path}: {error}") from error
     if not isinstance(raw, dict):
         raise SpaceError(f"search space {path}: expected a mapping with sections {list(SECTIONS)}")

@@ -246,6 +246,9 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     def get_heartbeat_stale_trial_callback(self) -> None:
         return None
 
+    def get_failed_trial_callback(self) -> None:  # the name of the same hook before Optuna 4.9
+        return None
+
 
 def open_storage(url: str, settings: StudySettings) -> BaseStorage:
     """An Optuna storage with heartbeats for ``url`` (SQLAlchemy URL or ``journal://<path>``)."""

@@ -1,0 +1,149 @@
+"""Training benchmarks on the CPU, printed as JSON.
+
+1. Data stall: training images/s of the offline pneumonia model (EfficientNet-Lite0, batch 32, 224 px) fed
+   by the real cache loader with augmentation vs the same model fed the same batches from memory
+   (target: loader path >= 95% of in-memory).
+2. Peak memory (RSS) of a CPU training run at batch 32, 224 px.
+3. Quality under a CPU budget (``--quality``): the offline pneumonia recipe trained on
+   ../shared/data/pneumonia/train (validation drawn by patient from it) within 15 minutes: validation AUROC
+   and accuracy (target AUROC >= 0.985); and the offline NIH recipe on the 205-image sample: mean validation
+   AUROC.
+
+Usage: ``python benchmarks/bench_training.py [--quality] [--out runs/bench]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrkit.config import load_config
+from cxrkit.data.build import prepare_data
+from cxrkit.data.dataset import CXRDataModule
+from cxrkit.evaluation.metrics import auroc
+from cxrkit.evaluation.run import load_model, open_data, predict_rows, split_rows
+from cxrkit.models import create_model
+from cxrkit.training.run import train
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+STEPS = 12
+WARMUP = 2
+
+
+def pneumonia_config(out: Path, extra: list[str] = ()):
+    return load_config(
+        REPO / "configs" / "pneumonia_lite0_offline.yaml",
+        [
+            f"data.sources.0.root={SHARED / 'pneumonia' / 'train'}",
+            f"data.cache.dir={out / 'cache-pneumonia'}",
+            f"output_dir={out / 'pneumonia'}",
+            *extra,
+        ],
+    )
+
+
+def train_steps(model: torch.nn.Module, batches, steps: int) -> float:
+    """Images/s of ``steps`` optimiser steps (after WARMUP) over ``batches`` (an iterator of (x, y))."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    seen, started = 0, 0.0
+    for step in range(steps + WARMUP):
+        if step == WARMUP:
+            started, seen = time.perf_counter(), 0
+        images, targets = next(batches)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(images)
+    return seen / (time.perf_counter() - started)
+
+
+def loader_batches(datamodule: CXRDataModule):
+    while True:
+        for batch in datamodule.train_dataloader():
+            yield datamodule.train_transform(batch)
+
+
+def data_stall(out: Path) -> dict:
+    config = pneumonia_config(out)
+    prepare_data(config.data)
+    datamodule = CXRDataModule(config.data, config.data.cache.dir, seed=0)
+    datamodule.setup("fit")
+    torch.manual_seed(0)
+    model = create_model(config.model, len(datamodule.labels))
+    loader_rate = train_steps(model, loader_batches(datamodule), STEPS)
+    fixed = next(loader_batches(datamodule))
+    memory_rate = train_steps(model, iter(lambda: fixed, None), STEPS)
+    return {
+        "model": "tf_efficientnet_lite0",
+        "batch_size": int(config.data.loader.batch_size),
+        "crop_size": int(config.data.augment.crop_size),
+        "torch_threads": torch.get_num_threads(),
+        "loader_images_per_s": round(loader_rate, 2),
+        "in_memory_images_per_s": round(memory_rate, 2),
+        "loader_fraction_of_in_memory": round(loader_rate / memory_rate, 3),
+        "target_fraction": 0.95,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def validation_quality(run_dir: Path) -> dict:
+    loaded = load_model(run_dir)
+    cache = open_data(loaded)
+    predictions, _ = predict_rows(loaded, cache, split_rows(cache, "val"), progress=False)
+    known = ~np.isnan(predictions.y_true)
+    aurocs = [auroc(predictions.y_true[known[:, i], i], predictions.y_score[known[:, i], i])
+              for i in range(len(predictions.labels))]
+    correct = (predictions.y_score >= 0.5) == (predictions.y_true == 1)
+    return {
+        "val_images": int(len(predictions.y_true)),
+        "val_auroc_mean": round(float(np.nanmean(aurocs)), 4),
+        "val_accuracy_at_0.5": round(float(correct[known].mean()), 4),
+    }
+
+
+def quality(out: Path) -> dict:
+    results = {}
+    started = time.perf_counter()
+    run_dir = train(pneumonia_config(out, ["train.loggers=[csv]"]))
+    minutes = (time.perf_counter() - started) / 60
+    results["pneumonia"] = {"train_minutes": round(minutes, 2), "budget_minutes": 15, "target_auroc": 0.985,
+                            **validation_quality(run_dir)}
+    nih = load_config(
+        REPO / "configs" / "nih_lite0_offline.yaml",
+        [f"data.sources.0.root={SHARED / 'nih'}", f"data.cache.dir={out / 'cache-nih'}",
+         f"output_dir={out / 'nih'}", "train.loggers=[csv]"],
+    )
+    started = time.perf_counter()
+    run_dir = train(nih)
+    results["nih_sample"] = {"train_minutes": round((time.perf_counter() - started) / 60, 2),
+                             **validation_quality(run_dir)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true", help="also train the offline recipes (~20 min)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-training")
+    args = parser.parse_args()
+    if args.out.exists() and args.quality:
+        import shutil
+
+        shutil.rmtree(args.out / "pneumonia", ignore_errors=True)
+        shutil.rmtree(args.out / "nih", ignore_errors=True)
+    report = {"data_stall": data_stall(args.out)}
+    if args.quality:
+        report["quality"] = quality(args.out)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
