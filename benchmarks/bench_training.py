@@ -100,11 +100,13 @@ def validation_quality(run_dir: Path) -> dict:
     cache = open_data(loaded)
     predictions, _ = predict_rows(loaded, cache, split_rows(cache, "val"), progress=False)
     known = ~np.isnan(predictions.y_true)
-    aurocs = [auroc(predictions.y_true[known[:, i], i], predictions.y_score[known[:, i], i])
-              for i in range(len(predictions.labels))]
+    aurocs = [
+        auroc(predictions.y_true[known[:, i], i], predictions.y_score[known[:, i], i])
+        for i in range(len(predictions.labels))
+    ]
     correct = (predictions.y_score >= 0.5) == (predictions.y_true == 1)
     return {
-        "val_images": int(len(predictions.y_true)),
+        "val_images": len(predictions.y_true),
         "val_auroc_mean": round(float(np.nanmean(aurocs)), 4),
         "val_accuracy_at_0.5": round(float(correct[known].mean()), 4),
     }
@@ -115,17 +117,27 @@ def quality(out: Path) -> dict:
     started = time.perf_counter()
     run_dir = train(pneumonia_config(out, ["train.loggers=[csv]"]))
     minutes = (time.perf_counter() - started) / 60
-    results["pneumonia"] = {"train_minutes": round(minutes, 2), "budget_minutes": 15, "target_auroc": 0.985,
-                            **validation_quality(run_dir)}
+    results["pneumonia"] = {
+        "train_minutes": round(minutes, 2),
+        "budget_minutes": 15,
+        "target_auroc": 0.985,
+        **validation_quality(run_dir),
+    }
     nih = load_config(
         REPO / "configs" / "nih_lite0_offline.yaml",
-        [f"data.sources.0.root={SHARED / 'nih'}", f"data.cache.dir={out / 'cache-nih'}",
-         f"output_dir={out / 'nih'}", "train.loggers=[csv]"],
+        [
+            f"data.sources.0.root={SHARED / 'nih'}",
+            f"data.cache.dir={out / 'cache-nih'}",
+            f"output_dir={out / 'nih'}",
+            "train.loggers=[csv]",
+        ],
     )
     started = time.perf_counter()
     run_dir = train(nih)
-    results["nih_sample"] = {"train_minutes": round((time.perf_counter() - started) / 60, 2),
-                             **validation_quality(run_dir)}
+    results["nih_sample"] = {
+        "train_minutes": round((time.perf_counter() - started) / 60, 2),
+        **validation_quality(run_dir),
+    }
     return results
 
 

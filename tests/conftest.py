@@ -31,7 +31,7 @@ def pneumonia_root(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory: pytest.TempPathFactory, nih_sample: Path, pneumonia_root: Path) -> Path:
-    """A data root like ../shared/data with 48 NIH images and 2x24 pneumonia images (symlinks to the real ones)."""
+    """A data root like ../shared/data: 48 NIH and 2x24 pneumonia images (symlinks to the real ones)."""
     root = tmp_path_factory.mktemp("tiny-data")
     nih = root / "nih"
     (nih / "images").mkdir(parents=True)

@@ -86,7 +86,13 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = CliRunner().invoke(
         cli,
-        ["data", "manifest", "-c", str(REPO / "configs" / "nih_lite0_offline.yaml"), f"data.sources.0.root={missing}"],
+        [
+            "data",
+            "manifest",
+            "-c",
+            str(REPO / "configs" / "nih_lite0_offline.yaml"),
+            f"data.sources.0.root={missing}",
+        ],
     )
     assert result.exit_code != 0
     assert str(missing) in result.output

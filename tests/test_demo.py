@@ -21,7 +21,9 @@ def test_environment_variable_is_used(tmp_path: Path, monkeypatch: pytest.Monkey
     assert demo.locate_data(None) == tmp_path
 
 
-def test_without_data_the_message_says_how_to_get_some(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_data_the_message_says_how_to_get_some(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("CXR_DATA", raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
 

@@ -43,9 +43,8 @@ def tiny_overrides(recipe: str, data: dict[str, Path], out: Path) -> list[str]:
         "train.loggers=[csv]",
     ]
     if len(config.data.sources) > 1:  # a merged recipe: merge two real datasets with different label sets
-        overrides.append(
-            "data.sources=[{adapter: nih, root: %s}, {adapter: folder, root: %s}]" % (data["nih"], data["folder"])
-        )
+        nih, folder = data["nih"], data["folder"]
+        overrides.append(f"data.sources=[{{adapter: nih, root: {nih}}}, {{adapter: folder, root: {folder}}}]")
     else:
         kind = "folder" if config.data.sources[0].adapter == "folder" else "nih"
         overrides += [f"data.sources.0.adapter={kind}", f"data.sources.0.root={data[kind]}"]

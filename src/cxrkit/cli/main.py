@@ -22,7 +22,7 @@ def cli(verbose: bool) -> None:
     """cxrkit: chest X-ray datasets, training, evaluation, explanation and serving.
 
     Every command that takes --config also takes KEY=VALUE overrides of any config field,
-    e.g. `cxr data prepare -c configs/nih_sample.yaml data.cache.image_size=320`.
+    e.g. `cxr data prepare -c configs/nih_lite0_offline.yaml data.cache.image_size=320`.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(message)s")
 
