@@ -7,7 +7,8 @@ page in ``static/``), ``/docs`` and ``/redoc`` (OpenAPI, served without a CDN), 
 Uploads are streamed into memory and the size limit is enforced as the bytes arrive; they are decoded from
 memory and never written to disk. Every problem with the input is a 4xx JSON ``{"error": {"status",
 "code", "message"}}``. Decoding runs on a thread pool; model calls from concurrent requests are gathered
-by a micro-batching queue into batches of up to ``max_batch`` so one inference thread serves them all.
+by a micro-batching queue into batches of up to ``max_batch``, run by one single-threaded inference worker
+per core (throughput under concurrent load comes from running requests side by side).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class ServiceSettings:
     max_upload_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 8192 * 8192  #: larger declared images are refused as decompression bombs
     max_batch: int = 16
-    max_wait_ms: float = 3.0  #: how long the batcher waits for more requests after the first
+    max_wait_ms: float = 2.0  #: how long a batch waits for more requests after its first
+    inference_workers: int | None = None  #: batches run at once (default: one per core)
+    inference_threads: int = 1  #: ONNX Runtime threads per batch: requests in parallel beat ops in parallel
     max_in_flight: int = 64  #: requests admitted at once; more get 429
     decode_workers: int | None = None  #: decoding threads (default: one per core)
     preview_max_side: int = 1024
@@ -289,19 +292,25 @@ def sniff_format(upload: Upload) -> str:
 
 
 class MicroBatcher:
-    """Gathers single-image model calls from many requests into batches run on one thread.
+    """Gathers single-image model calls from many requests into batches run by ``workers`` threads.
 
-    The worker takes the first waiting item, then whatever arrives within ``max_wait_s`` up to
+    A free worker takes the first waiting item, then whatever arrives within ``max_wait_s`` up to
     ``max_batch`` items, runs ``infer`` on the stacked batch and resolves each caller's future.
     """
 
-    def __init__(self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self, infer: Callable[[np.ndarray], np.ndarray], max_batch: int, max_wait_s: float, workers: int = 1
+    ) -> None:
         self._infer = infer
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._queue: queue.SimpleQueue[tuple[np.ndarray, Future] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="cxr-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"cxr-batcher-{index}", daemon=True)
+            for index in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item: np.ndarray) -> Future:
         future: Future = Future()
@@ -309,8 +318,10 @@ class MicroBatcher:
         return future
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
 
     def _run(self) -> None:
         while (first := self._queue.get()) is not None:
@@ -378,16 +389,19 @@ class ModelService:
                 predictor = self.source
             else:
                 bundle = self.source if isinstance(self.source, Bundle) else Bundle.load(self.source)
-                predictor = Predictor(bundle, max_pixels=self.settings.max_pixels, **self.predictor_options)
-            if predictor.backend.startswith("onnx"):
-                # torch only preprocesses here (and explains on request): one thread each request, parallelism
-                # comes from concurrent requests; OpenMP wake-ups cost more than these small ops under load
-                torch.set_num_threads(1)
+                options = {"threads": self.settings.inference_threads, **self.predictor_options}
+                predictor = Predictor(bundle, max_pixels=self.settings.max_pixels, **options)
+            # the same policy for torch (preprocessing, heatmaps, the torch backend): parallelism comes from
+            # concurrent requests; OpenMP wake-ups cost more than these small per-request ops under load
+            torch.set_num_threads(self.settings.inference_threads)
             size = predictor.bundle.preprocess.image_size
             predictor.probabilities(np.zeros((1, size, size), dtype=np.uint8))  # warm-up
             self.predictor = predictor
             self.batcher = MicroBatcher(
-                predictor.probabilities, self.settings.max_batch, self.settings.max_wait_ms / 1000
+                predictor.probabilities,
+                self.settings.max_batch,
+                self.settings.max_wait_ms / 1000,
+                self.settings.inference_workers or os.cpu_count() or 1,
             )
             self.ready.set()
             log.info(
