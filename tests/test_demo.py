@@ -62,3 +62,5 @@ def test_demo_runs_the_whole_pipeline(tiny_data_root: Path, tmp_path: Path) -> N
         assert f"cxr serve {out / name / f'{name}.cxr'}" in result.output
     assert "heatmap gallery" in result.output
     assert "evaluation report" in result.output
+    assert (out / "studies" / "pneumonia" / "best_config.yaml").exists()
+    assert "search report" in result.output

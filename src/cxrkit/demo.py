@@ -111,6 +111,10 @@ def demo_config(dataset: DemoDataset, out: Path, extra: list[str]) -> DictConfig
 
 
 QUICK_OVERRIDES = ["train.limit_train_batches=0.2", "train.limit_val_batches=0.5"]
+SEARCH_SPACE = CONFIG_DIR / "spaces" / "seed_space.yaml"
+#: A small real search: few trials, each on a slice of every epoch (the full study is `cxr tune`).
+SEARCH_TRIALS = 3
+SEARCH_OVERRIDES = ["train.limit_train_batches=8", "train.limit_val_batches=0.25", "train.loggers=[csv]"]
 
 
 def run_demo(
@@ -127,7 +131,21 @@ def run_demo(
     for dataset in datasets_in(root):
         config = demo_config(dataset, out, [*(QUICK_OVERRIDES if quick else []), *extra])
         result.outputs.update(run_pipeline(dataset.name, config, echo))
+        if dataset.name == "pneumonia":
+            search = demo_config(dataset, out, [*extra, *SEARCH_OVERRIDES])
+            result.outputs.update(run_search(search, out / "studies" / "pneumonia", echo))
     return result
+
+
+def run_search(config: DictConfig, study_dir: Path, echo: Callable[[str], None]) -> dict[str, Path]:
+    """A few trials of the original project's search space (Optuna TPE, pruning, MLflow-tracked)."""
+    from cxrkit.tuning.space import load_space
+    from cxrkit.tuning.study import run_study
+
+    echo(f"[search] {SEARCH_TRIALS} trials of {SEARCH_SPACE.name} in {study_dir}")
+    study = run_study(config, load_space(SEARCH_SPACE), SEARCH_TRIALS, study_dir=study_dir)
+    found = {"search report": study.report, "best config from the search": study.best_config}
+    return {name: path for name, path in found.items() if path is not None}
 
 
 def run_pipeline(name: str, config: DictConfig, echo: Callable[[str], None]) -> dict[str, Path]:
