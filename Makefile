@@ -16,7 +16,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --maxprocesses=4 $(ARGS)
 
 bench: $(STAMP)
 	@for b in benchmarks/bench_*.py; do $(PY) $$b; done

@@ -1,6 +1,6 @@
 """Training benchmarks on the CPU, printed as JSON.
 
-1. Data stall: training images/s of the offline pneumonia model (EfficientNet-Lite0, batch 32, 224 px) fed
+1. Data stall: training images/s of the offline pneumonia recipe (EfficientNet-Lite0, batch 32, its crop) fed
    by the real cache loader with augmentation vs the same model fed the same batches from memory
    (target: loader path >= 95% of in-memory).
 2. Peak memory (RSS) of a CPU training run at batch 32, 224 px.
@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,10 +32,11 @@ from cxrkit.evaluation.metrics import auroc
 from cxrkit.evaluation.run import load_model, open_data, predict_rows, split_rows
 from cxrkit.models import create_model
 from cxrkit.training.run import train
+from cxrkit.training.stages import apply_stage, resolve_stages
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-STEPS = 12
+STEPS = 20
 WARMUP = 2
 
 
@@ -49,50 +52,61 @@ def pneumonia_config(out: Path, extra: list[str] = ()):
     )
 
 
-def train_steps(model: torch.nn.Module, batches, steps: int) -> float:
-    """Images/s of ``steps`` optimiser steps (after WARMUP) over ``batches`` (an iterator of (x, y))."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
-    seen, started = 0, 0.0
-    for step in range(steps + WARMUP):
-        if step == WARMUP:
-            started, seen = time.perf_counter(), 0
-        images, targets = next(batches)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        seen += len(images)
-    return seen / (time.perf_counter() - started)
-
-
-def loader_batches(datamodule: CXRDataModule):
-    while True:
-        for batch in datamodule.train_dataloader():
-            yield datamodule.train_transform(batch)
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch) -> float:
+    """Seconds of one optimiser step on ``batch`` (images, targets); for the loader path the batch is
+    produced inside the timed region by the caller's generator."""
+    started = time.perf_counter()
+    images, targets = batch() if callable(batch) else batch
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images), targets)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - started
 
 
 def data_stall(out: Path) -> dict:
+    """Interleave loader-fed and memory-fed steps (same model, same recipe settings) and compare medians,
+    so drift in the machine's speed affects both paths alike."""
     config = pneumonia_config(out)
     prepare_data(config.data)
     datamodule = CXRDataModule(config.data, config.data.cache.dir, seed=0)
     datamodule.setup("fit")
     torch.manual_seed(0)
-    model = create_model(config.model, len(datamodule.labels))
-    loader_rate = train_steps(model, loader_batches(datamodule), STEPS)
-    fixed = next(loader_batches(datamodule))
-    memory_rate = train_steps(model, iter(lambda: fixed, None), STEPS)
+    model = create_model(config.model, len(datamodule.labels)).to(memory_format=torch.channels_last)
+    apply_stage(model, resolve_stages(config.train)[0])
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    batches = iter(loader_batches(datamodule))
+    fixed = next(batches)
+    loader_times, memory_times = [], []
+    for step in range(STEPS + WARMUP):
+        loader_time = timed_step(model, optimizer, lambda: next(batches))
+        memory_time = timed_step(model, optimizer, fixed)
+        if step >= WARMUP:
+            loader_times.append(loader_time)
+            memory_times.append(memory_time)
+    batch_size = len(fixed[0])
+    loader_rate = batch_size / float(np.median(loader_times))
+    memory_rate = batch_size / float(np.median(memory_times))
     return {
-        "model": "tf_efficientnet_lite0",
-        "batch_size": int(config.data.loader.batch_size),
+        "model": f"{config.model.arch} (recipe stage 0, channels-last)",
+        "batch_size": batch_size,
         "crop_size": int(config.data.augment.crop_size),
+        "steps": STEPS,
         "torch_threads": torch.get_num_threads(),
         "loader_images_per_s": round(loader_rate, 2),
         "in_memory_images_per_s": round(memory_rate, 2),
         "loader_fraction_of_in_memory": round(loader_rate / memory_rate, 3),
         "target_fraction": 0.95,
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib_batch32": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+def loader_batches(datamodule: CXRDataModule):
+    while True:
+        for batch in datamodule.train_dataloader():
+            images, targets = datamodule.train_transform(batch)
+            yield images.contiguous(memory_format=torch.channels_last), targets
 
 
 def validation_quality(run_dir: Path) -> dict:
@@ -141,17 +155,45 @@ def quality(out: Path) -> dict:
     return results
 
 
+def memory_probe() -> None:
+    """Two full-network training steps at batch 32, 224 px (every parameter trainable); print peak RSS."""
+    config = pneumonia_config(Path("unused"), ["train.stages=[]"])
+    model = create_model(config.model, 1)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = (torch.rand(32, 1, 224, 224), torch.randint(0, 2, (32, 1)).float())
+    for _ in range(2):
+        timed_step(model, optimizer, batch)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def peak_memory() -> dict:
+    probe = subprocess.run(
+        [sys.executable, __file__, "--memory-probe"], check=True, capture_output=True, text=True
+    )
+    return {
+        "model": "tf_efficientnet_lite0, all layers trainable",
+        "batch_size": 32,
+        "image_size": 224,
+        "peak_rss_mib": round(float(probe.stdout.strip().splitlines()[-1]), 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quality", action="store_true", help="also train the offline recipes (~20 min)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-training")
+    parser.add_argument("--memory-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe()
+        return
     if args.out.exists() and args.quality:
         import shutil
 
         shutil.rmtree(args.out / "pneumonia", ignore_errors=True)
         shutil.rmtree(args.out / "nih", ignore_errors=True)
-    report = {"data_stall": data_stall(args.out)}
+    report = {"data_stall": data_stall(args.out), "peak_memory": peak_memory()}
     if args.quality:
         report["quality"] = quality(args.out)
     print(json.dumps(report, indent=2))

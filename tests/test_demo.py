@@ -49,6 +49,7 @@ def test_demo_runs_the_whole_pipeline(tiny_data_root: Path, tmp_path: Path) -> N
         "data.cache.workers=1",
         "data.augment.crop_size=40",
         "data.loader.batch_size=8",
+        "data.split.val_fraction=0.4",  # both classes in the tiny validation split
         "train.limit_train_batches=2",
         "train.loggers=[csv]",
     ]

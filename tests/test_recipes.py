@@ -45,6 +45,7 @@ def tiny_overrides(recipe: str, data: dict[str, Path], out: Path) -> list[str]:
     if len(config.data.sources) > 1:  # a merged recipe: merge two real datasets with different label sets
         nih, folder = data["nih"], data["folder"]
         overrides.append(f"data.sources=[{{adapter: nih, root: {nih}}}, {{adapter: folder, root: {folder}}}]")
+        overrides += ["data.labels=[]", "data.views=[]"]  # the recipe's PadChest/OpenI-only labels and views
     else:
         kind = "folder" if config.data.sources[0].adapter == "folder" else "nih"
         overrides += [f"data.sources.0.adapter={kind}", f"data.sources.0.root={data[kind]}"]

@@ -110,11 +110,11 @@ def demo_config(dataset: DemoDataset, out: Path, extra: list[str]) -> DictConfig
     return load_config(CONFIG_DIR / dataset.recipe, overrides)
 
 
-QUICK_OVERRIDES = ["train.limit_train_batches=0.2", "train.limit_val_batches=0.5"]
+QUICK_OVERRIDES = ["train.limit_train_batches=0.2"]
 SEARCH_SPACE = CONFIG_DIR / "spaces" / "seed_space.yaml"
 #: A small real search: few trials, each on a slice of every epoch (the full study is `cxr tune`).
 SEARCH_TRIALS = 3
-SEARCH_OVERRIDES = ["train.limit_train_batches=8", "train.limit_val_batches=0.25", "train.loggers=[csv]"]
+SEARCH_OVERRIDES = ["train.limit_train_batches=8", "train.loggers=[csv]"]
 
 
 def run_demo(
