@@ -166,3 +166,25 @@ def test_runs_on_the_batch_device() -> None:
     images = torch.rand(4, 1, 64, 64, device="cuda")
     out = BatchAugment(AugmentConfig(crop_size=32), seed=0)(images)
     assert out.device == images.device and out.shape == (4, 1, 32, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_cpu_warp_matches_grid_sample(dtype: torch.dtype) -> None:
+    """The OpenCV CPU path resamples exactly like F.grid_sample (zero padding, align_corners=False)."""
+    from cxrkit.data.augment import _intensity, affine_grid, affine_matrices
+
+    cfg = AugmentConfig(crop_size=48, rotation_degrees=30, translate_fraction=0.2, scale_range=(0.7, 1.3))
+    augment = BatchAugment(cfg, seed=3)
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    pattern = ((torch.sin(xx / 5) + torch.cos(yy / 7)) * 60 + 128).round().to(torch.uint8)
+    images = pattern.expand(8, 1, 64, 64).contiguous()
+    params = augment.sample(8)
+    fast = augment.apply(images if dtype == torch.uint8 else images.float() / 255, params)
+    grid = affine_grid(affine_matrices(params), 48)
+    reference = F.grid_sample(
+        images.float() / 255, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    reference = _intensity(reference, params.brightness, params.contrast)
+    tolerance = 3 / 255 if dtype == torch.uint8 else 1e-4
+    assert (fast - reference).abs().max() < tolerance
+    assert (reference == 0).any()  # the rotations reach outside the image: padding is compared too

@@ -3,7 +3,8 @@
 :class:`BatchAugment` draws, per sample, a rotation, a translation, a scaling, a random-resized crop and
 (only when enabled: chest films have a laterality) a horizontal flip, composes them into ONE affine
 matrix and resamples the batch once (bilinear, zero padding outside the image, like the letterboxed cache)
-to ``crop_size x crop_size``; then brightness and contrast jitter. Images are float ``[B, 1, S, S]`` in
+to ``crop_size x crop_size`` — ``F.grid_sample`` on accelerators, OpenCV's ``warpAffine`` with the same
+matrices on the CPU (faster there); then brightness and contrast jitter. Images are float ``[B, 1, S, S]`` in
 [0, 1] (uint8 is accepted and scaled in the same pass) and come out float in [0, 1].
 :func:`eval_transform` is the deterministic counterpart for validation/test.
 
@@ -21,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,10 +102,13 @@ class BatchAugment(nn.Module):
         """Augment ``images`` with given parameters (deterministic)."""
         _check_batch(images, allow_uint8=True)
         unit = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
-        images = images if images.is_floating_point() else images.float()
-        theta = affine_matrices(params).to(device=images.device, dtype=images.dtype, non_blocking=True)
-        grid = affine_grid(theta, self.crop_size)
-        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if images.device.type == "cpu" and images.shape[1] == 1:
+            out = warp_cpu(images, affine_matrices(params), self.crop_size)
+        else:
+            images = images if images.is_floating_point() else images.float()
+            theta = affine_matrices(params).to(device=images.device, dtype=images.dtype, non_blocking=True)
+            grid = affine_grid(theta, self.crop_size)
+            out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return _intensity(out, params.brightness.to(out) * unit, params.contrast.to(out))
 
 
@@ -124,6 +130,32 @@ def affine_matrices(params: AugmentParams) -> torch.Tensor:
     origin = (params.crop_centre.double() - params.translate.double()) / params.scale.double().unsqueeze(1)
     offset = torch.einsum("bij,bj->bi", inverse_rotation, origin)
     return torch.cat([linear, offset.unsqueeze(2)], dim=2).float()
+
+
+def pixel_matrices(theta: torch.Tensor, in_size: int, out_size: int) -> np.ndarray:
+    """``theta`` (output → input, normalised, ``align_corners=False``) as B x 2 x 3 pixel-space matrices
+    mapping output pixel indices to input pixel coordinates (what ``cv2.warpAffine`` takes with
+    ``WARP_INVERSE_MAP``)."""
+    to_normalised = np.array(
+        [[2 / out_size, 0, 1 / out_size - 1], [0, 2 / out_size, 1 / out_size - 1], [0, 0, 1]]
+    )
+    to_pixels = np.array([[in_size / 2, 0, (in_size - 1) / 2], [0, in_size / 2, (in_size - 1) / 2]])
+    homogeneous = np.zeros((len(theta), 3, 3))
+    homogeneous[:, :2] = theta.double().numpy()
+    homogeneous[:, 2, 2] = 1.0
+    return to_pixels @ homogeneous @ to_normalised
+
+
+def warp_cpu(images: torch.Tensor, theta: torch.Tensor, out_size: int) -> torch.Tensor:
+    """The same bilinear, zero-padded resampling as ``F.grid_sample`` over :func:`affine_grid`, done with
+    OpenCV per image (several times faster on CPU; uint8 stays uint8 until the float output)."""
+    matrices = pixel_matrices(theta, images.shape[-1], out_size)
+    source = images[:, 0].numpy()
+    out = np.empty((len(source), out_size, out_size), dtype=np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for index, (image, matrix) in enumerate(zip(source, matrices, strict=True)):
+        out[index] = cv2.warpAffine(image, matrix, (out_size, out_size), flags=flags, borderValue=0)
+    return torch.from_numpy(out).unsqueeze(1)
 
 
 def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
