@@ -425,6 +425,9 @@ def _parallel_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Itera
         yield map
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # Load Pillow's format plugins here, once: a forked child that imports them itself can deadlock on an
+    # import lock some other thread of this process held at fork time.
+    Image.init()
     with multiprocessing.get_context(method).Pool(workers) as pool:
         yield lambda function, items: pool.imap(function, items, chunksize=_IMAP_CHUNKSIZE)
 
