@@ -9,19 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from omegaconf import OmegaConf
 
-from cxrkit.config import to_container
-from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_onnx
-from cxrkit.models.config import ModelConfig
-from cxrkit.models.factory import create_model
+from bundles import LABELS, THRESHOLDS, tiny_bundle
 from cxrkit.serve.app import BackgroundServer, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-LABELS = ["Effusion", "Infiltration", "Atelectasis"]
-THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
 
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
@@ -38,23 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    config = OmegaConf.structured(ModelConfig(arch="resnet18"))
-    config.pretrained.source = "none"
-    torch.manual_seed(0)
-    model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle(
-        "tiny-browser",
-        "2.1",
-        LABELS,
-        THRESHOLDS,
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "letterbox", 64),
-        to_container(config),
-        {},
-        model.state_dict(),
-    )
-    add_onnx(bundle, model)
+    bundle = tiny_bundle(model_id="tiny-browser", version="2.1")
     path = bundle.save(tmp_path_factory.mktemp("bundle") / "tiny.cxr")
     with BackgroundServer(create_app(path)) as running:
         running.wait_ready()

@@ -12,44 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from omegaconf import OmegaConf
 
+from bundles import LABELS, tiny_bundle
 from cxrkit.cli.main import cli
-from cxrkit.config import to_container
 from cxrkit.data.cache import open_cache, prepare_cache
 from cxrkit.data.decode import read_image
 from cxrkit.data.manifest import Manifest
-from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_onnx
 from cxrkit.inference.predictor import Predictor, expand_inputs
-from cxrkit.models.config import ModelConfig
-from cxrkit.models.factory import create_model
-
-LABELS = ["Effusion", "Infiltration", "Atelectasis"]
-#: Effusion is always flagged, Atelectasis never: findings do not depend on random weights.
-THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
-
-
-def tiny_bundle(onnx: bool = True, policy: str = "letterbox") -> Bundle:
-    """A random-weight resnet18 bundle at 80 px (model input 64 px)."""
-    config = OmegaConf.structured(ModelConfig(arch="resnet18"))
-    config.pretrained.source = "none"
-    torch.manual_seed(0)
-    model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle(
-        "tiny",
-        "1.0",
-        LABELS,
-        THRESHOLDS,
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, policy, 64),
-        to_container(config),
-        {},
-        model.state_dict(),
-    )
-    if onnx:
-        add_onnx(bundle, model)
-    return bundle
 
 
 @pytest.fixture(scope="module")

@@ -15,43 +15,15 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from omegaconf import OmegaConf
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from cxrkit.config import to_container
-from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_onnx
-from cxrkit.models.config import ModelConfig
-from cxrkit.models.factory import create_model
+from bundles import LABELS, THRESHOLDS, tiny_bundle
 from cxrkit.serve.app import STATIC_DIR, BackgroundServer, ServiceSettings, create_app
 
-LABELS = ["Effusion", "Infiltration", "Atelectasis"]
-THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
 LIMIT = 3 * 1024 * 1024
-
-
-def tiny_bundle() -> Bundle:
-    config = OmegaConf.structured(ModelConfig(arch="resnet18"))
-    config.pretrained.source = "none"
-    torch.manual_seed(0)
-    model = create_model(config, len(LABELS)).eval()
-    bundle = Bundle(
-        "tiny",
-        "1.0",
-        LABELS,
-        THRESHOLDS,
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "letterbox", 64),
-        to_container(config),
-        {},
-        model.state_dict(),
-    )
-    add_onnx(bundle, model)
-    return bundle
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,40 @@
+"""A tiny random-weight model bundle shared by the prediction, service and browser tests."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from cxrkit.config import to_container
+from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_onnx
+from cxrkit.models.config import ModelConfig
+from cxrkit.models.factory import create_model
+
+LABELS = ["Effusion", "Infiltration", "Atelectasis"]
+#: Effusion is always flagged, Atelectasis never: findings do not depend on random weights.
+THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
+
+
+def tiny_bundle(
+    onnx: bool = True, policy: str = "letterbox", model_id: str = "tiny", version: str = "1.0"
+) -> Bundle:
+    """A random-weight resnet18 bundle at 80 px (model input 64 px)."""
+    config = OmegaConf.structured(ModelConfig(arch="resnet18"))
+    config.pretrained.source = "none"
+    torch.manual_seed(0)
+    model = create_model(config, len(LABELS)).eval()
+    bundle = Bundle(
+        model_id,
+        version,
+        LABELS,
+        THRESHOLDS,
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, policy, 64),
+        to_container(config),
+        {},
+        model.state_dict(),
+    )
+    if onnx:
+        add_onnx(bundle, model)
+    return bundle
