@@ -362,24 +362,34 @@ def test_folder_pneumonia(pneumonia_root: Path):
     manifest = get("folder")(str(pneumonia_root))
     _check_manifest(manifest, "pneumonia")
     frame = manifest.frame
-    assert len(frame) == 5_190
+    assert len(frame) == 5_190 + 253  # Kermany layout: train/ and the shared sample of its test/
     assert manifest.labels == ["Pneumonia", vocab.NO_FINDING]
-    assert frame[vocab.NO_FINDING].sum() == 1_340 and frame["Pneumonia"].sum() == 3_850
+    assert frame[vocab.NO_FINDING].sum() == 1_340 + 89 and frame["Pneumonia"].sum() == 3_850 + 164
     assert (frame["Pneumonia"] + frame[vocab.NO_FINDING] == 1).all()
-    assert (frame["split"] == "train").all()
-    assert frame["patient_id"].str.fullmatch(r"pneumonia:(person\d+|(NORMAL\d+-)?IM-\d+)").all()
-    by_file = frame.set_index(frame["path"].map(lambda p: Path(p).name))["patient_id"]
+    assert frame["split"].value_counts().to_dict() == {"train": 5_190, "test": 253}
+    train = frame[frame["split"] == "train"]
+    assert train["patient_id"].str.fullmatch(r"pneumonia:(person\d+|(NORMAL\d+-)?IM-\d+)").all()
+    by_file = train.set_index(train["path"].map(lambda p: Path(p).name))["patient_id"]
     assert (
         by_file["person1000_bacteria_2931.jpeg"]
         == by_file["person1000_virus_1681.jpeg"]
         == "pneumonia:person1000"
     )
     assert by_file["IM-0115-0001.jpeg"] == "pneumonia:IM-0115"
-    assert frame["patient_id"].nunique() < len(frame)  # several images per patient exist
+    assert train["patient_id"].nunique() < len(train)  # several images per patient exist
+    # test/ numbers its patients apart from train/: train's person100 is not test's person100
+    test_ids = frame.loc[frame["split"] == "test", "patient_id"]
+    assert test_ids.str.fullmatch(r"pneumonia:test:(person\d+|(NORMAL\d+-)?IM-\d+)").all()
+    assert "pneumonia:person100" in set(train["patient_id"]) and "pneumonia:test:person100" in set(test_ids)
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+    shared = get("folder")(str(pneumonia_root), patient_scope="dataset").frame
+    assert shared.groupby("patient_id")["split"].nunique().max() == 2  # one id space: ids collide
     split_folder = get("folder")(str(pneumonia_root / "train")).frame  # root is itself a split folder
-    assert split_folder["patient_id"].equals(frame["patient_id"]) and (split_folder["split"] == "train").all()
+    assert split_folder["patient_id"].equals(train["patient_id"].reset_index(drop=True))
+    assert (split_folder["split"] == "train").all()
     labels = pd.read_csv(pneumonia_root / "labels.csv")
-    assert labels["label"].value_counts().to_dict() == {"PNEUMONIA": 3_850, "NORMAL": 1_340}
+    assert labels["label"].value_counts().to_dict() == {"PNEUMONIA": 3_850 + 164, "NORMAL": 1_340 + 89}
+    assert labels["file"].str.startswith("test/").sum() == 253
 
 
 def test_folder_splits_custom_classes_and_regex(pneumonia_root: Path, tmp_path: Path):
@@ -401,13 +411,18 @@ def test_folder_splits_custom_classes_and_regex(pneumonia_root: Path, tmp_path: 
     assert sorted(frame["split"]) == ["test", "train", "train", "val"]
     assert frame["patient_id"].str.startswith("covid:").all()
     mapped = get("folder")(
-        str(tmp_path / "ds"), class_labels={"COVID-19": "Pneumonia"}, patient_regex=r"^(\w+?)_"
+        str(tmp_path / "ds"),
+        class_labels={"COVID-19": "Pneumonia"},
+        patient_regex=r"^(\w+?)_",
+        patient_scope="dataset",
     )
     assert mapped.labels == ["Pneumonia", vocab.NO_FINDING]
     stems = {Path(p).stem for p in normal}
     assert set(mapped.frame["patient_id"]) >= {f"ds:{stem}" for stem in stems}  # regex does not match: stem
     with pytest.raises(FileNotFoundError, match="no class subfolders"):
         get("folder")(str(tmp_path / "ds" / "train" / "NORMAL"))
+    with pytest.raises(ValueError, match="patient_scope"):
+        get("folder")(str(tmp_path / "ds"), patient_scope="site")
 
 
 # --- Hugging Face ------------------------------------------------------------------------------------------

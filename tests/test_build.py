@@ -97,7 +97,7 @@ def test_no_finding_ratio_subsamples_train_only(pneumonia_root: Path):
 
 
 def test_subsample_without_no_finding_label_uses_all_zero_rows(pneumonia_root: Path):
-    manifest = get("folder")(str(pneumonia_root)).with_labels(["Pneumonia"])
+    manifest = get("folder")(str(pneumonia_root / "train")).with_labels(["Pneumonia"])
     reduced = subsample_no_finding(manifest, 0.2, seed=0)
     assert (reduced.frame["Pneumonia"] == 0).mean() == pytest.approx(0.2, abs=0.002)
     with pytest.raises(ValueError, match="no_finding_ratio"):
@@ -118,7 +118,7 @@ def test_merge_nih_and_pneumonia_folder(nih_sample: Path, pneumonia_root: Path):
     assert pneumonia["Pneumonia"].notna().all() and pneumonia[vocab.NO_FINDING].notna().all()
     assert pneumonia["Effusion"].isna().all()
     assert not frame.loc[frame["source"] == "nih", manifest.labels].isna().any().any()
-    assert (pneumonia["split"] == "test").any()  # the folder has no official test: drawn at random
+    assert (pneumonia["split"] == "test").any()
     check_patient_disjoint(manifest)
 
 

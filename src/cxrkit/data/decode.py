@@ -28,6 +28,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 import numpy as np
@@ -54,19 +55,64 @@ class ImageDecodeError(ValueError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read a PNG, JPEG, DICOM (or other PIL format) file or fsspec URL as a uint8 ``(H, W)`` array.
+#: What :func:`read_image` reads: a path or fsspec URL, the file's bytes, or a binary file object.
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
-    See the module docstring for the output convention. Raises :class:`ImageDecodeError` for an empty,
-    truncated, unreadable or oversized (``max_pixels``) file.
+
+def read_image(
+    source: ImageInput, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Read a PNG, JPEG, DICOM (or other PIL format) image as a uint8 ``(H, W)`` array.
+
+    ``source`` is a path, an fsspec URL, the encoded bytes or a binary file object (an upload); ``name``
+    names in-memory input in errors (default ``<bytes>``/the file object's name). A ``.dcm``/``.dicom``
+    name also lets a DICOM file without the ``DICM`` preamble marker be read. See the module docstring for
+    the output convention. Raises :class:`ImageDecodeError` for an empty, truncated, unreadable or
+    oversized (``max_pixels``) input.
     """
-    data = _read_bytes(path)
+    label = name if name is not None else _source_name(source)
+    data = _source_bytes(source, label)
     if not data:
-        raise ImageDecodeError(path, "empty file (0 bytes)")
-    is_dicom_suffix = Path(str(path)).suffix.lower() in _DICOM_SUFFIXES
+        raise ImageDecodeError(label, "empty file (0 bytes)")
+    is_dicom_suffix = Path(label).suffix.lower() in _DICOM_SUFFIXES
     if data[128:132] == b"DICM" or is_dicom_suffix:
-        return _decode_dicom(data, path, max_pixels, force=data[128:132] != b"DICM")
-    return _decode_pil(data, path, max_pixels)
+        return _decode_dicom(data, label, max_pixels, force=data[128:132] != b"DICM")
+    return _decode_pil(data, label, max_pixels)
+
+
+def array_to_gray(array: np.ndarray) -> np.ndarray:
+    """An in-memory image as uint8 ``(H, W)``, as :func:`read_image` treats files: 2-D uint8 as is, other
+    2-D dtypes min-max scaled, colour ``(H, W, 3|4)`` uint8 to luma (PIL ``L``, alpha dropped)."""
+    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
+        return np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"expected an (H, W) or (H, W, 3|4) image array, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError("image array holds NaN or infinite values")
+    return _minmax_to_uint8(array)
+
+
+def _source_name(source: ImageInput) -> str:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return "<bytes>"
+    if isinstance(source, str | os.PathLike):
+        return str(source)
+    return str(getattr(source, "name", None) or "<stream>")
+
+
+def _source_bytes(source: ImageInput, label: str) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    if isinstance(source, str | os.PathLike):
+        return _read_bytes(source)
+    try:
+        return source.read()
+    except (OSError, ValueError) as exc:
+        raise ImageDecodeError(label, f"cannot read stream: {exc}") from exc
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:

@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cxrkit.data.cache import Geometry
-from cxrkit.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
+from cxrkit.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, array_to_gray, read_image
 from cxrkit.inference.bundle import Bundle
 from cxrkit.inference.onnx_export import create_session, run_session
 
@@ -282,25 +282,6 @@ def _choose_backend(bundle: Bundle, backend: str) -> str:
     if backend == "onnx-int8" and bundle.onnx_int8 is None:
         raise ValueError(f"bundle {bundle.source} has no int8 ONNX graph (export it with --quantize)")
     return backend
-
-
-def array_to_gray(array: np.ndarray) -> np.ndarray:
-    """An in-memory image as uint8 ``(H, W)``: 2-D uint8 as is, other 2-D dtypes min-max scaled, colour
-    ``(H, W, 3|4)`` uint8 to luma (PIL ``L``, alpha dropped), as read_image treats files."""
-    if array.ndim == 3 and array.shape[2] in (3, 4) and array.dtype == np.uint8:
-        return np.asarray(Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("L"))
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[..., 0]
-    if array.ndim != 2 or min(array.shape) < 1:
-        raise ValueError(f"expected an (H, W) or (H, W, 3|4) image array, got shape {array.shape}")
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError("image array holds NaN or infinite values")
-    low, high = values.min(), values.max()
-    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
-    return np.rint(scaled * 255).astype(np.uint8)
 
 
 def _describe(item: ImageSource, index: int) -> str:

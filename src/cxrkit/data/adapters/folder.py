@@ -17,6 +17,12 @@ group, else the whole match); the default reads Kermany names: ``person123_bacte
 ``person123``, ``IM-0115-0001.jpeg`` -> ``IM-0115``, ``NORMAL2-IM-1427-0001.jpeg`` -> ``NORMAL2-IM-1427``.
 When it does not match, the file stem is the patient. Patient ids are prefixed with ``name`` (default: the
 root folder's name, or its parent's for a split folder, e.g. ``pneumonia:person123``), also the ``source``.
+
+``patient_scope`` says whether a file-name id names one patient across the split folders. ``split`` (the
+default): ids are numbered within each split folder, as in Kermany's collections, whose test/ was gathered
+apart from train/ (train's ``person100`` is not test's ``person100``); ids read from a split folder other
+than ``train`` then carry its name (``pneumonia:test:person100``), so two collections never share a
+patient. ``dataset``: one id space across all split folders (the same id is the same patient).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from cxrkit.data.manifest import Manifest
 #: Kermany et al. file names: person<N>_<bacteria|virus>_<M>, [NORMAL<k>-]IM-<N>-<M>[-<k>].
 KERMANY_PATIENT_REGEX = r"^(?P<patient>person\d+|(?:NORMAL\d*-)?IM-\d+)"
 SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+PATIENT_SCOPES = ("split", "dataset")
 
 
 @register("folder")
@@ -43,8 +50,11 @@ def folder(
     patient_regex: str = KERMANY_PATIENT_REGEX,
     class_labels: dict[str, str] | None = None,
     name: str | None = None,
+    patient_scope: str = "split",
 ) -> Manifest:
     """Read a class-per-subfolder image dataset at ``root`` (see the module docstring)."""
+    if patient_scope not in PATIENT_SCOPES:
+        raise ValueError(f"folder option patient_scope must be one of {PATIENT_SCOPES}: {patient_scope!r}")
     location = Location.of(root)
     location.require_dir("image folder dataset")
     source = source_name(name, dataset_name(location.root))
@@ -64,6 +74,9 @@ def folder(
         raise FileNotFoundError(f"image folder dataset: no images under {location.url(location.root)}")
 
     table = pd.DataFrame(rows, columns=["path", "patient", "split", "label"])
+    if patient_scope == "split":
+        own_folder = table["split"].isin(["train", ""])
+        table["patient"] = table["patient"].where(own_folder, table["split"] + ":" + table["patient"])
     annotated = vocab.order(table["label"])
     meta = table.assign(patient_id=source + ":" + table["patient"], source=source)
     targets = encode_rows([frozenset({label}) for label in table["label"]], annotated, annotated)
