@@ -6,9 +6,11 @@ STAMP := $(VENV)/.cxrkit-installed
 
 .PHONY: demo test lint bench
 
-$(STAMP): pyproject.toml
+# Everything (all extras + dev tools) at the exact versions CI tests (constraints.txt); a plain
+# `pip install cxrkit` gets the core only (see the README's Installation section).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
 	@touch $(STAMP)
 
 demo: $(STAMP)

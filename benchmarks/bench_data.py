@@ -32,11 +32,11 @@ import torch
 
 from cxrkit.data import labels as vocab
 from cxrkit.data.augment import BatchAugment
-from cxrkit.data.cache import Geometry
 from cxrkit.data.config import DataConfig
 from cxrkit.data.dataset import CXRDataModule, to_unit_float
 from cxrkit.data.decode import read_image
 from cxrkit.data.manifest import Manifest, from_records
+from cxrkit.data.transforms import Geometry
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NIH = REPO.parent / "shared" / "data" / "nih"

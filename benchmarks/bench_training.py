@@ -29,7 +29,8 @@ from cxrkit.config import load_config
 from cxrkit.data.build import prepare_data
 from cxrkit.data.dataset import CXRDataModule
 from cxrkit.evaluation.metrics import auroc
-from cxrkit.evaluation.run import load_model, open_data, predict_rows, split_rows
+from cxrkit.evaluation.run import open_data, predict_rows, split_rows
+from cxrkit.inference.loading import load_model
 from cxrkit.models import create_model
 from cxrkit.training.run import train
 from cxrkit.training.stages import apply_stage, resolve_stages

@@ -6,7 +6,9 @@ import torch
 from omegaconf import OmegaConf
 
 from cxrkit.config import to_container
-from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_onnx
+from cxrkit.data.transforms import PreprocessSpec
+from cxrkit.inference.bundle import Bundle
+from cxrkit.inference.export import add_onnx
 from cxrkit.models.config import ModelConfig
 from cxrkit.models.factory import create_model
 

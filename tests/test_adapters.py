@@ -16,13 +16,13 @@ import pytest
 from PIL import Image
 
 from cxrkit.data import labels as vocab
-from cxrkit.data.adapters import available, get, load_source
+from cxrkit.data.adapters import available, detect, get, load_source
 from cxrkit.data.adapters._common import parse_age
 from cxrkit.data.adapters.chexpert import LABEL_COLUMNS as CHEXPERT_COLUMNS
-from cxrkit.data.adapters.nih import load_bboxes
 from cxrkit.data.adapters.openi import map_term
 from cxrkit.data.config import SourceConfig
 from cxrkit.data.manifest import META_COLUMNS, VIEWS
+from cxrkit.explain.boxes import read_nih_boxes
 
 PADCHEST_CSV = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz"
 
@@ -137,17 +137,17 @@ def test_nih_reads_file_urls(nih_sample: Path):
 
 
 def test_nih_bbox_spelling_infiltrate_maps_to_infiltration(xrv_data: Path, nih_sample: Path):
-    boxes = load_bboxes(str(xrv_data / "BBox_List_2017.csv.gz"))
+    boxes = read_nih_boxes(xrv_data / "BBox_List_2017.csv.gz")  # the one NIH box reader
     assert len(boxes) == 984
-    assert set(boxes["label"]) <= set(vocab.NIH_FINDINGS)
+    assert set(boxes["finding"]) <= set(vocab.NIH_FINDINGS)
     raw = pd.read_csv(xrv_data / "BBox_List_2017.csv.gz")
     infiltrate = (raw["Finding Label"] == "Infiltrate").to_numpy()
     assert infiltrate.sum() == 123
-    assert (boxes.loc[infiltrate, "label"] == "Infiltration").all()
+    assert (boxes.loc[infiltrate, "finding"] == "Infiltration").all()
     assert vocab.canonical("Infiltrate") == "Infiltration"
-    sample = load_bboxes(str(nih_sample / "BBox_List_2017_subset.csv"))
+    sample = read_nih_boxes(nih_sample / "BBox_List_2017_subset.csv")
     assert len(sample) == 12
-    assert ((sample["x"] >= 0) & (sample["x"] + sample["w"] <= 1024)).all()
+    assert ((sample["x0"] >= 0) & (sample["x1"] <= 1024)).all()
 
 
 @pytest.mark.parametrize(
@@ -614,3 +614,17 @@ def test_adapters_read_csv_through_fsspec_memory_filesystem():
     with fsspec.open(path, "rb") as handle:
         assert handle.read() == buffer.getvalue()
     assert manifest.labels == ["Cardiomegaly"]
+
+
+def test_detect_names_the_adapter_a_folder_fits(nih_sample: Path, pneumonia_root: Path, tmp_path: Path):
+    assert detect(str(nih_sample)) == "nih"
+    assert detect(str(pneumonia_root)) == "folder" and detect(str(pneumonia_root / "test")) == "folder"
+    (tmp_path / "valid.csv").write_text("Path,Sex\n")
+    assert detect(str(tmp_path)) == "chexpert"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images")
+    with pytest.raises(ValueError, match="cannot tell which dataset"):
+        detect(str(empty))
+    with pytest.raises(FileNotFoundError, match="dataset folder not found"):
+        detect(str(tmp_path / "missing"))

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from cxrkit.data.augment import AugmentParams, BatchAugment, affine_grid, affine_matrices, eval_transform
+from cxrkit.data.augment import (
+    AugmentParams,
+    BatchAugment,
+    affine_grid,
+    affine_matrices,
+    eval_transform,
+    gaussian_blur,
+)
 from cxrkit.data.config import AugmentConfig
 
 STILL = AugmentConfig(
@@ -34,9 +42,14 @@ def params(batch: int = 1, **overrides) -> AugmentParams:
         "flip": torch.zeros(batch, dtype=torch.bool),
         "brightness": torch.ones(batch),
         "contrast": torch.ones(batch),
+        "downscale": None,
+        "sharpen": None,
+        "gamma": None,
+        "noise_std": None,
     }
     for name, value in overrides.items():
-        values[name] = torch.as_tensor(value, dtype=values[name].dtype).expand_as(values[name]).clone()
+        like = values[name] if values[name] is not None else torch.ones(batch)
+        values[name] = torch.as_tensor(value, dtype=like.dtype).expand_as(like).clone()
     return AugmentParams(**values)
 
 
@@ -49,6 +62,19 @@ def dot_image(size: int = 32, row: int = 16, column: int = 24) -> torch.Tensor:
 def brightest(image: torch.Tensor) -> tuple[int, int]:
     index = int(image[0, 0].flatten().argmax())
     return divmod(index, image.shape[-1])
+
+
+ACQUISITION = dataclasses.replace(
+    STILL, downscale_range=(0.4, 1.0), sharpness=1.0, gamma_range=(0.6, 1.6), noise_std=0.05
+)
+
+
+def pattern_batch(batch: int = 8, size: int = 32) -> torch.Tensor:
+    """Smooth structure plus fine texture, as uint8 (what the cache holds)."""
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    smooth = (torch.sin(xx / 5) + torch.cos(yy / 7)) * 50 + 128
+    texture = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0)) * 40 - 20
+    return (smooth + texture).round().clamp(0, 255).to(torch.uint8)
 
 
 def test_output_shape_dtype_and_range() -> None:
@@ -188,3 +214,104 @@ def test_cpu_warp_matches_grid_sample(dtype: torch.dtype) -> None:
     tolerance = 3 / 255 if dtype == torch.uint8 else 1e-4
     assert (fast - reference).abs().max() < tolerance
     assert (reference == 0).any()  # the rotations reach outside the image: padding is compared too
+
+
+def test_acquisition_jitter_is_off_by_default_and_keeps_the_random_stream() -> None:
+    draws = BatchAugment(AugmentConfig(), seed=0).sample(4)
+    assert draws.downscale is None and draws.sharpen is None and draws.gamma is None
+    assert draws.noise_std is None
+    with_jitter = BatchAugment(dataclasses.replace(AugmentConfig(), **_acquisition_fields()), seed=0).sample(
+        4
+    )
+    torch.testing.assert_close(with_jitter.angle_degrees, draws.angle_degrees)  # drawn first, unchanged
+    torch.testing.assert_close(with_jitter.contrast, draws.contrast)
+
+
+def _acquisition_fields() -> dict:
+    return {
+        name: getattr(ACQUISITION, name)
+        for name in ("downscale_range", "sharpness", "gamma_range", "noise_std")
+    }
+
+
+def test_acquisition_draws_stay_in_their_ranges() -> None:
+    draws = BatchAugment(ACQUISITION, seed=0).sample(2000)
+    assert draws.downscale.min() >= 0.4 and draws.downscale.max() <= 1.0
+    assert -1.0 <= draws.sharpen.min() < -0.9 and 0.9 < draws.sharpen.max() <= 1.0
+    assert draws.gamma.min() >= 0.6 and draws.gamma.max() <= 1.6
+    assert abs(float(draws.gamma.log().mean())) < 0.05 * math.log(1.6 / 0.6)  # log-uniform: centred on ~1
+    assert draws.noise_std.min() >= 0.0 and draws.noise_std.max() <= 0.05
+
+
+def test_gamma_maps_values_by_a_power() -> None:
+    images = torch.rand(2, 1, 32, 32)
+    out = BatchAugment(STILL).apply(images, params(2, gamma=[2.0, 0.5]))
+    torch.testing.assert_close(out[0], images[0] ** 2, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], images[1].sqrt(), atol=1e-5, rtol=0)
+    as_uint8 = (images * 255).round().to(torch.uint8)  # scaled to [0, 1] before the curve
+    expected = (as_uint8.float() / 255) ** 2
+    torch.testing.assert_close(
+        BatchAugment(STILL).apply(as_uint8, params(2, gamma=2.0)), expected, atol=1e-5, rtol=0
+    )
+
+
+def test_blur_smooths_and_sharpening_amplifies_detail() -> None:
+    images = pattern_batch(3).float() / 255
+    out = BatchAugment(STILL).apply(images, params(3, sharpen=[-1.0, 0.0, 1.0]))
+
+    def detail(batch: torch.Tensor) -> list[float]:
+        return [float((image - gaussian_blur(image[None], 1.0)[0]).abs().mean()) for image in batch]
+
+    (blurred, kept, sharpened), original = detail(out), detail(images)
+    assert blurred < 0.5 * original[0] and abs(kept - original[1]) < 1e-6 and sharpened > 1.2 * original[2]
+    flat = torch.full((1, 1, 32, 32), 0.4)
+    torch.testing.assert_close(BatchAugment(STILL).apply(flat, params(sharpen=-1.0)), flat)  # mean kept
+
+
+def test_downscale_removes_fine_detail_only() -> None:
+    images = pattern_batch(2).float() / 255
+    out = BatchAugment(STILL).apply(images, params(2, downscale=[0.25, 1.0]))
+    torch.testing.assert_close(out[1], images[1])  # factor 1: untouched
+    coarse = F.avg_pool2d(out[:1], 8)
+    assert (out[0] - images[0]).abs().mean() > 0.02  # texture lost
+    assert (coarse - F.avg_pool2d(images[:1], 8)).abs().mean() < 0.03  # structure kept
+
+
+def test_noise_has_the_drawn_strength_and_is_reproducible() -> None:
+    images = torch.full((2, 1, 32, 32), 0.5)
+    noisy = params(2, noise_std=[0.0, 0.05])
+    noisy.noise_seed = 11
+    out = BatchAugment(STILL).apply(images, noisy)
+    torch.testing.assert_close(out[0], images[0])
+    assert abs(float((out[1] - 0.5).std()) - 0.05) < 0.006
+    torch.testing.assert_close(BatchAugment(STILL).apply(images, noisy), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_cpu_and_torch_paths_agree_with_acquisition_jitter(dtype: torch.dtype) -> None:
+    """The OpenCV CPU path (warp + per-image degradation) and the batched torch path (used on accelerators
+    and for multi-channel images) give the same images for the same draws."""
+    cfg = dataclasses.replace(
+        ACQUISITION, crop_size=40, rotation_degrees=20, scale_range=(0.8, 1.2), brightness=0.2, contrast=0.2
+    )
+    augment = BatchAugment(cfg, seed=5)
+    images = pattern_batch(8, size=48)
+    images = images if dtype == torch.uint8 else images.float() / 255
+    draws = augment.sample(8)
+    assert draws.downscale.min() < 0.9 and (draws.sharpen.abs() > 0.1).any()
+    fast = augment.apply(images, draws)  # 1 channel on the CPU: OpenCV
+    three = images.expand(-1, 3, -1, -1).contiguous()  # 3 channels: the torch path
+    reference = augment.apply(three, draws)
+    for channel in range(3):
+        assert (fast[:, 0] - reference[:, channel]).abs().max() < 3 / 255
+
+
+def test_bad_acquisition_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="downscale_range"):
+        BatchAugment(dataclasses.replace(STILL, downscale_range=(0.5, 1.5)))
+    with pytest.raises(ValueError, match="gamma_range"):
+        BatchAugment(dataclasses.replace(STILL, gamma_range=(0.0, 2.0)))
+    with pytest.raises(ValueError, match="sharpness"):
+        BatchAugment(dataclasses.replace(STILL, sharpness=1.5))
+    with pytest.raises(ValueError, match="blur_sigma"):
+        BatchAugment(dataclasses.replace(STILL, blur_sigma=0.0))

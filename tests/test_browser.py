@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from bundles import LABELS, THRESHOLDS, tiny_bundle
-from cxrkit.serve.app import BackgroundServer, create_app
+from cxrkit.serve.app import ServiceSettings, create_app
+from servers import BackgroundServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -65,10 +66,10 @@ def browser(tmp_path: Path):
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
 
-def _upload(browser, server, path: Path) -> list:
+def _upload(browser, server, path: Path, model_id: str = "tiny-browser") -> list:
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 120)
-    wait.until(lambda d: "tiny-browser" in d.find_element(By.ID, "model-info").text)
+    wait.until(lambda d: model_id in d.find_element(By.ID, "model-info").text)
     browser.find_element(By.ID, "file-input").send_keys(str(path))
     wait.until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Done"))
     return browser.find_elements(By.CSS_SELECTOR, "#findings li.finding")
@@ -141,3 +142,35 @@ def test_dicom_is_previewed_and_bad_files_show_the_error(
     assert status.text.count("broken.png") == 1 and "truncated" in status.text
     assert not browser.find_element(By.ID, "viewer").is_displayed()  # no stale image next to the error
     browser.save_screenshot(str(tmp_path / "error.png"))
+
+
+TOKEN = "browser-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory):
+    bundle = tiny_bundle(model_id="tiny-guarded", version="3.0")
+    path = bundle.save(tmp_path_factory.mktemp("bundle") / "tiny.cxr")
+    with BackgroundServer(create_app(path, ServiceSettings(token=TOKEN))) as running:
+        running.wait_ready()
+        yield running
+
+
+def test_the_page_asks_for_the_token_once(browser, guarded_server, nih_sample: Path) -> None:
+    wait = WebDriverWait(browser, 120)
+    browser.get(guarded_server.url + "/")
+    form = browser.find_element(By.ID, "token-form")
+    wait.until(lambda d: form.is_displayed())
+    assert "access token required" in browser.find_element(By.ID, "model-info").text
+    browser.find_element(By.ID, "token-input").send_keys("wrong-token-0123456789")
+    browser.find_element(By.ID, "token-submit").click()
+    wait.until(lambda d: form.is_displayed() and "not accepted" in d.find_element(By.ID, "status").text)
+    browser.find_element(By.ID, "token-input").send_keys(TOKEN)
+    browser.find_element(By.ID, "token-submit").click()
+    wait.until(lambda d: "tiny-guarded" in d.find_element(By.ID, "model-info").text)
+    assert not form.is_displayed()
+    browser.refresh()  # the same tab keeps the token: no second question
+    rows = _upload(browser, guarded_server, nih_sample / "images" / "00000211_000.png", "tiny-guarded")
+    assert len(rows) == len(LABELS)
+    assert not browser.find_element(By.ID, "token-form").is_displayed()
+    assert browser.execute_script("return sessionStorage.getItem('cxrkit-token')") == TOKEN

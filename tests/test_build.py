@@ -14,10 +14,11 @@ from omegaconf import OmegaConf
 from cxrkit.config import load_config
 from cxrkit.data import labels as vocab
 from cxrkit.data.adapters import get
-from cxrkit.data.build import build_manifest, subsample_no_finding
+from cxrkit.data.build import build_manifest, build_run_manifest, subsample_no_finding
 from cxrkit.data.config import DataConfig, SourceConfig, SplitConfig
-from cxrkit.data.manifest import Manifest
+from cxrkit.data.manifest import Manifest, from_records
 from cxrkit.data.merge import merge
+from cxrkit.data.run_manifest import RUN_MANIFEST_FILE, freeze_splits, save_run_manifest
 from cxrkit.data.splits import check_patient_disjoint
 
 
@@ -33,9 +34,8 @@ def test_build_nih_sample_official(nih_sample: Path, caplog):
     test_names = set((nih_sample / "official_split" / "test_list.txt").read_text().split())
     assert len(frame) == 205
     assert (frame["split"] == "test").sum() == table["Image Index"].isin(test_names).sum()
-    assert (frame["split"] == "val").sum() == round(
-        0.1 * (frame["split"] != "test").sum()
-    )  # one image/patient
+    n_rest = (frame["split"] != "test").sum()  # one image per patient
+    assert abs((frame["split"] == "val").sum() - 0.1 * n_rest) <= 3.5 * (0.1 * 0.9 * n_rest) ** 0.5
     assert manifest.labels == [*vocab.NIH_FINDINGS, vocab.NO_FINDING]
     summary = [r.message for r in caplog.records if r.message.startswith("manifest:")]
     assert len(summary) == 1 and "205 images of 205 patients (nih 205)" in summary[0]
@@ -170,3 +170,66 @@ def test_build_accepts_an_unstructured_config(nih_sample: Path):
     )
     manifest = build_manifest(config)
     assert isinstance(manifest, Manifest) and len(manifest) == 205
+
+
+def _rows(*rows: tuple[str, str, str, float]) -> Manifest:
+    """A manifest of (path, patient, split, Effusion) rows."""
+    records = [
+        {"path": path, "patient_id": patient, "split": split, "source": "a", "targets": [effusion]}
+        for path, patient, split, effusion in rows
+    ]
+    return from_records(records, ["Effusion"])
+
+
+def test_freeze_splits_keeps_stored_splits_and_reports_every_change():
+    stored = _rows(
+        ("t1.png", "a:1", "train", 1.0),
+        ("t2.png", "a:2", "train", 0.0),
+        ("v1.png", "a:3", "val", 0.0),
+        ("x1.png", "a:4", "test", 1.0),
+        ("x2.png", "a:5", "test", 0.0),
+        ("x3.png", "a:6", "test", 0.0),
+    )
+    current = _rows(  # splits as a fresh build would draw them today: ignored
+        ("t1.png", "a:1", "test", 1.0),
+        ("t2.png", "a:2", "", 0.0),
+        ("v1.png", "a:3", "train", 0.0),
+        ("x1.png", "a:4", "train", 0.0),  # relabelled
+        ("x3.png", "a:2", "", 0.0),  # today's ids put it with training patient a:2
+        ("new.png", "a:1", "test", 1.0),  # a new image of a training patient
+        ("new2.png", "a:9", "test", 1.0),  # a new patient
+    )
+    frozen, report = freeze_splits(stored, current)
+    splits = dict(zip(frozen.frame["path"], frozen.frame["split"], strict=True))
+    assert splits == {"t1.png": "train", "t2.png": "train", "v1.png": "val", "x1.png": "test"}
+    assert frozen.frame.loc[frozen.frame["path"] == "x1.png", "Effusion"].item() == 0.0  # today's label
+    assert report.added == ["new.png", "new2.png"] and report.missing == {"test": ["x2.png"]}
+    assert report.relabelled == ["x1.png"] and report.train_patients_left_out == ["a:2"]
+    assert len(report.lines()) == 4
+    with pytest.raises(ValueError, match="another dataset"):
+        freeze_splits(stored, _rows(("elsewhere.png", "b:1", "", 1.0)))
+
+
+def test_build_run_manifest_uses_stored_splits_and_refuses_edits(tmp_path: Path, pneumonia_root: Path):
+    config = _config(
+        SourceConfig("folder", str(pneumonia_root / "train")),
+        split=SplitConfig(method="random", seed=0),
+        no_finding="zeros",
+    )
+    built = build_manifest(config)
+    stored = built.frame.copy()
+    stored["split"] = np.where(stored.index % 2 == 0, "train", "test")  # any split a run once had
+    stored = stored.groupby("patient_id")["split"].transform("first").rename("split")
+    manifest = Manifest(built.frame.assign(split=stored), built.labels)
+    save_run_manifest(manifest, tmp_path)
+    frozen = build_run_manifest(config, tmp_path)
+    pd.testing.assert_series_equal(
+        frozen.frame.set_index("path")["split"].sort_index(),
+        manifest.frame.set_index("path")["split"].sort_index(),
+    )
+    assert build_run_manifest(config, tmp_path / "old-run").frame["split"].equals(built.frame["split"])
+    edited = manifest.frame.copy()
+    edited.loc[0, "split"] = "val"
+    Manifest(edited, manifest.labels).save(tmp_path / RUN_MANIFEST_FILE)
+    with pytest.raises(ValueError, match="modified after training"):
+        build_run_manifest(config, tmp_path)

@@ -6,6 +6,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +19,16 @@ from PIL import Image
 
 import cxrkit.data.cache as cache_module
 from cxrkit.data.cache import (
-    GEOMETRY_COLUMNS,
     CacheIncompleteError,
     CacheMismatchError,
-    Geometry,
     merge_cache,
     open_cache,
     prepare_cache,
 )
 from cxrkit.data.decode import read_image
 from cxrkit.data.manifest import Manifest, from_records
+from cxrkit.data.transforms import GEOMETRY_COLUMNS, Geometry
+from cxrkit.files import write_atomic
 
 LABELS = ["Atelectasis", "Effusion"]
 
@@ -330,3 +334,128 @@ def test_empty_manifest_and_bad_policy_are_refused(nih_copies: list[Path], tmp_p
         build(make_manifest([]), tmp_path / "cache")
     with pytest.raises(ValueError, match="resize_policy"):
         build(make_manifest(nih_copies[:1]), tmp_path / "cache", resize_policy="fit")
+
+
+# ---------------------------------------------------------------- sharing a cache between processes
+
+
+def test_rerun_of_a_complete_cache_writes_nothing(nih_copies: list[Path], tmp_path: Path) -> None:
+    manifest = make_manifest(nih_copies)
+    build(manifest, tmp_path / "cache")
+    before = file_states(tmp_path / "cache")
+
+    report = build(manifest, tmp_path / "cache")
+    assert report.merged and report.shards_built == []
+    merge_cache(tmp_path / "cache")
+    assert file_states(tmp_path / "cache") == before  # same bytes, same files (inodes): nothing rewritten
+
+
+def test_changed_cache_is_merged_again_atomically(nih_copies: list[Path], tmp_path: Path) -> None:
+    manifest = make_manifest(nih_copies)
+    build(manifest, tmp_path / "cache")
+    stat = nih_copies[4].stat()
+    os.utime(nih_copies[4], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    old_meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+
+    report = build(manifest, tmp_path / "cache")
+    assert report.shards_built == [2]
+    new_meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert new_meta["shards"][2]["input_hash"] != old_meta["shards"][2]["input_hash"]
+    assert not [path for path in (tmp_path / "cache").rglob("*") if ".tmp-" in path.name]
+    assert len(open_cache(tmp_path / "cache")) == 5
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "meta.json"
+    target.write_bytes(b"old")
+
+    def fails_half_way(file) -> None:
+        file.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, fails_half_way)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+    write_atomic(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_cache_opened_while_it_is_rebuilt_raises_a_clear_error(
+    nih_copies: list[Path], tmp_path: Path
+) -> None:
+    build(make_manifest(nih_copies), tmp_path / "cache")
+    cache = open_cache(tmp_path / "cache")
+    rebuilt = tmp_path / "cache" / "shards" / "shard_00001.npy"
+    np.save(rebuilt, np.zeros((1, 32, 32), dtype=np.uint8))  # a shard that now holds one image, not two
+    with pytest.raises(CacheIncompleteError, match="rebuilt since the cache was opened"):
+        cache.image(0)
+
+
+READER = """
+import sys
+from pathlib import Path
+import numpy as np
+from cxrkit.data.cache import open_cache
+cache_dir, expected, stop = Path(sys.argv[1]), np.load(sys.argv[2]), Path(sys.argv[3])
+rng = np.random.default_rng(int(sys.argv[4]))
+reads = 0
+while not stop.exists() or reads < 20:
+    cache = open_cache(cache_dir)  # reopened each time: meta.json, manifest.csv and shards read again
+    rows = rng.choice(len(expected), size=4)
+    assert len(cache) == len(expected) and (cache.images(rows) == expected[rows]).all()
+    reads += 1
+print(reads)
+"""
+
+PREPARE = """
+import sys
+from cxrkit.data.cache import prepare_cache
+from cxrkit.data.manifest import Manifest
+manifest = Manifest.load(sys.argv[1])
+print("preparing", flush=True)
+prepare_cache(manifest, sys.argv[2], image_size=32, shard_size=2, workers=2, progress=False)
+"""
+
+
+def test_readers_see_the_same_cache_while_others_prepare_it(nih_copies: list[Path], tmp_path: Path) -> None:
+    """Two processes read batches while a third runs prepare on the same cache and a fourth is killed
+    (SIGKILL) in the middle of its prepare: no reader fails, and every file is byte for byte the same."""
+    manifest = make_manifest(nih_copies * 6)  # 30 rows, 15 shards
+    manifest_path = tmp_path / "manifest.csv"
+    manifest.save(manifest_path)
+    cache_dir = tmp_path / "cache"
+    build(manifest, cache_dir)
+    expected = open_cache(cache_dir).images(np.arange(len(manifest)))
+    np.save(tmp_path / "expected.npy", expected)
+    before = file_states(cache_dir)
+    stop = tmp_path / "stop"
+
+    def python(script: str, *args: object) -> subprocess.Popen:
+        command = [sys.executable, "-c", script, *map(str, args)]
+        return subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
+        )
+
+    readers = [python(READER, cache_dir, tmp_path / "expected.npy", stop, seed) for seed in (1, 2)]
+    killed = python(PREPARE, manifest_path, cache_dir)
+    assert killed.stdout.readline().strip() == "preparing", killed.communicate()
+    time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # the command and its pool workers, as a node failure would
+    killed.wait(timeout=30)
+    third = python(PREPARE, manifest_path, cache_dir)
+    _, third_err = third.communicate(timeout=300)
+    assert third.returncode == 0, third_err
+    stop.touch()
+    for reader in readers:
+        out, err = reader.communicate(timeout=300)
+        assert reader.returncode == 0 and int(out) >= 20, err
+    assert file_states(cache_dir) == before
+
+
+def file_states(out_dir: Path) -> dict[str, tuple[bytes, int]]:
+    """Each file's bytes and inode (a file replaced by the same bytes still counts as rewritten)."""
+    return {
+        path.relative_to(out_dir).as_posix(): (path.read_bytes(), path.stat().st_ino)
+        for path in sorted(out_dir.rglob("*"))
+        if path.is_file()
+    }

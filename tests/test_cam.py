@@ -15,11 +15,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from cxrkit.data.labels import NIH_FINDINGS
+from cxrkit.data.transforms import PreprocessSpec
 from cxrkit.explain.boxes import read_nih_boxes
 from cxrkit.explain.cam import CAM_METHODS, explain, method_name, select_targets
 from cxrkit.explain.gallery import explain_files, write_report
 from cxrkit.explain.localize import heatmap_peak
-from cxrkit.inference.bundle import PreprocessSpec
 from cxrkit.models.config import ModelConfig
 from cxrkit.models.factory import create_model
 

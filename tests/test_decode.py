@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import re
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -16,7 +18,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from cxrkit.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, read_image
+from cxrkit.data import decode
+from cxrkit.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    ImplausibleImageError,
+    Plausibility,
+    probe_image,
+    read_image,
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -343,3 +353,138 @@ def test_fsspec_urls(tmp_path: Path, nih_png: Path) -> None:
     np.testing.assert_array_equal(read_image("memory://cxrkit-test/image.png"), expected)
     with pytest.raises(ImageDecodeError, match=re.escape("memory://cxrkit-test/absent.png")):
         read_image("memory://cxrkit-test/absent.png")
+
+
+# ---------------------------------------------------------------- bounded memory, same bytes
+
+
+def _float64_reference(values: np.ndarray) -> np.ndarray:
+    """The whole-image float64 min-max formula the decoder must reproduce byte for byte."""
+    values = values.astype(np.float64)
+    low, high = values.min(), values.max()
+    unit = np.zeros_like(values) if high <= low else (values - low) / (high - low)
+    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16, np.int32, np.float32, np.float64])
+def test_minmax_mapping_equals_the_float64_formula(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    monkeypatch.setattr(decode, "_BLOCK_PIXELS", 1000)  # many blocks of rows even for small images
+    rng = np.random.default_rng(7)
+    for low, high in ((0, 65535), (1000, 1003), (3, 4095), (500, 500)):
+        values = rng.integers(low, high + 1, size=(97, 131)).astype(dtype)
+        np.testing.assert_array_equal(decode._minmax_to_uint8(values), _float64_reference(values))
+
+
+def test_dicom_mapping_in_blocks_equals_the_whole_image(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [4096, 0, 12])
+    lut.add_new(0x00283006, "US", [min(4095, (i * 7) % 5000) for i in range(4096)])
+    stored = np.random.default_rng(3).integers(0, 4096, size=(120, 90)).astype(np.uint16)
+    variants = {
+        "minmax": {},
+        "rescale": {"RescaleSlope": 0.5, "RescaleIntercept": -1024},
+        "window": {"RescaleSlope": 1, "RescaleIntercept": -1024, "WindowCenter": 40, "WindowWidth": 400},
+        "sigmoid": {"WindowCenter": 2000, "WindowWidth": 900, "VOILUTFunction": "SIGMOID"},
+        "narrow": {"WindowCenter": 2000, "WindowWidth": 0.5},
+        "voilut": {"VOILUTSequence": Sequence([lut])},
+    }
+    for name, elements in variants.items():
+        for photometric in ("MONOCHROME2", "MONOCHROME1"):
+            path = write_dicom(tmp_path / f"{name}_{photometric}.dcm", stored, photometric, 12, **elements)
+            whole = read_image(path)
+            with monkeypatch.context() as patch:
+                patch.setattr(decode, "_BLOCK_PIXELS", 500)
+                np.testing.assert_array_equal(read_image(path), whole, err_msg=f"{name} {photometric}")
+    rgb = np.random.default_rng(4).integers(0, 65535, size=(40, 30, 3)).astype(np.uint16)
+    path = write_dicom(tmp_path / "rgb16.dcm", rgb, "RGB", 16)
+    whole = read_image(path)
+    monkeypatch.setattr(decode, "_BLOCK_PIXELS", 100)
+    np.testing.assert_array_equal(read_image(path), whole)
+    np.testing.assert_array_equal(whole, _float64_reference(rgb.astype(np.float64) @ [0.299, 0.587, 0.114]))
+
+
+def _traced_peak(function, *args) -> int:
+    """Peak bytes numpy and Python allocate while ``function`` runs (PIL's own buffers are not traced)."""
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_16bit_decoding_makes_no_whole_image_float_copy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(
+        decode, "_BLOCK_PIXELS", 1 << 16
+    )  # float64 temporaries: 0.5 MB, small beside the image
+    pixels = np.zeros((2000, 1500), dtype=np.uint16)
+    pixels[500:1500, 300:1200] = np.arange(900, dtype=np.uint16) * 70
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    count = pixels.size
+    # PIL hands the 2-byte samples over through a bytes copy, then the uint8 output: about 4 bytes a pixel;
+    # one whole-image float64 copy alone would be 8
+    assert _traced_peak(read_image, data) < 5 * count
+    np.testing.assert_array_equal(read_image(data), _float64_reference(pixels))
+    dicom = write_dicom(
+        tmp_path / "big.dcm", pixels, bits=16, RescaleSlope=2, RescaleIntercept=-7
+    ).read_bytes()
+    # the dataset's PixelData (2 bytes), pydicom's array (2 bytes) and the output (1 byte)
+    assert _traced_peak(read_image, dicom) < 6 * count
+
+
+def test_probe_reads_the_header_only(tmp_path: Path, nih_png: Path, dicom_dir: Path) -> None:
+    bomb = png_with_declared_size(tmp_path / "bomb.png", 12000, 12000).read_bytes()
+    header = probe_image(bomb)  # no pixel is decoded: no memory error, no bomb error
+    assert (header.format, header.width, header.height, header.bytes_per_pixel) == ("PNG", 12000, 12000, 1)
+    assert header.pixels == 12000**2 and header.decode_bytes > 12000**2
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):  # PIL refuses to open beyond 179 Mpx
+        probe_image(png_with_declared_size(tmp_path / "bigger.png", 60000, 60000))
+    nih = probe_image(nih_png)
+    assert (nih.width, nih.height) == read_image(nih_png).shape[::-1]
+    sixteen = write_dicom(tmp_path / "deep.dcm", gradient(), bits=12)
+    assert probe_image(sixteen) == decode.ImageHeader("DICOM", 48, 32, 1, 2, sixteen.stat().st_size)
+    real = probe_image(dicom_dir / "siim_pneumothorax_sample.dcm")
+    assert (real.format, real.width, real.height) == ("DICOM", 1024, 1024)
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        probe_image(b"plain text", name="notes.png")
+
+
+def test_plausibility() -> None:
+    check = Plausibility().check
+    check(64, 64, "a.png")
+    check(2000, 500, "a.png")
+    with pytest.raises(ImplausibleImageError, match=r"a.png.*1 x 1 pixels is too small"):
+        check(1, 1, "a.png")
+    with pytest.raises(ImplausibleImageError, match="aspect ratio over 4:1"):
+        check(2001, 500, "a.png")
+    Plausibility(min_side=1, max_aspect=float("inf")).check(1, 10000, "a.png")
+
+
+def test_forged_dimensions_are_refused_before_decoding(tmp_path: Path, pneumonia_root: Path) -> None:
+    jpeg = bytearray(sorted((pneumonia_root / "train" / "NORMAL").glob("*.jpeg"))[0].read_bytes())
+    sof = next(i for i in range(2, len(jpeg) - 9) if jpeg[i] == 0xFF and jpeg[i + 1] in (0xC0, 0xC1))
+    jpeg[sof + 5 : sof + 9] = struct.pack(">HH", 32767, 4096)  # height, width
+    with pytest.raises(ImageDecodeError, match=r"more than its .* bytes can encode"):
+        read_image(bytes(jpeg[:20000]), name="forged.jpeg")
+    png = png_with_declared_size(tmp_path / "forged.png", 20000, 4000)
+    with pytest.raises(ImageDecodeError, match=r"more than its .* bytes can encode"):
+        read_image(png)
+
+
+def test_corrupt_deflated_dicom_is_a_decode_error(tmp_path: Path) -> None:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = write_dicom(tmp_path / "deflated.dcm", gradient(), bits=12)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    data[-200:-100] = b"\xff" * 100  # inside the deflate stream
+    with pytest.raises(ImageDecodeError, match=r"deflated\.dcm"):
+        read_image(bytes(data), name="deflated.dcm")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,30 @@ def test_demo_runs_the_whole_pipeline(tiny_data_root: Path, tmp_path: Path) -> N
         assert (out / name / "checkpoints" / "best.ckpt").exists()
         assert (out / name / "thresholds.json").exists()
         assert (out / name / f"{name}.cxr").exists()
-        assert f"cxr serve {out / name / f'{name}.cxr'}" in result.output
-    assert "heatmap gallery" in result.output
-    assert "evaluation report" in result.output
     assert (out / "studies" / "pneumonia" / "best_config.yaml").exists()
-    assert "search report" in result.output
+    # the closing summary: one row per stage (key figure, output), then the serve commands, last
+    header = re.search(r"^dataset +stage +key figure +output$", result.stdout, re.MULTILINE)
+    assert header, result.stdout
+    table = result.stdout[header.start() :]
+    for stage in ("prepare", "describe", "train", "evaluate", "explain", "export", "search"):
+        assert re.search(rf"^(nih|pneumonia) +{stage} ", table, re.MULTILINE), stage
+    assert "test AUROC" in table and "best val/auroc_mean" in table
+    serve_lines = [line for line in table.splitlines() if line.startswith("serve the model with")]
+    assert serve_lines == [
+        f"serve the model with: cxr serve {out / name / f'{name}.cxr'}" for name in ("nih", "pneumonia")
+    ]
+    assert table.rstrip().endswith(serve_lines[-1])
+    assert "cxr serve" not in result.output[: result.output.index(header.group(0))]
+
+
+def test_the_summary_table_lines_up_stage_figure_and_output(tmp_path: Path) -> None:
+    result = demo.DemoResult(
+        [
+            demo.DemoStep("nih", "prepare", "48 images cached, 0 unreadable", tmp_path / "cache"),
+            demo.DemoStep("pneumonia", "evaluate", "test AUROC 0.912 (0.870-0.950)", tmp_path / "r.html"),
+        ]
+    )
+    header, *rows = result.table().splitlines()
+    assert header.split() == ["dataset", "stage", "key", "figure", "output"]
+    assert rows[1].startswith("pneumonia  evaluate  test AUROC 0.912") and rows[1].endswith("r.html")
+    assert len({line.index(line.split()[1]) for line in [header, *rows]}) == 1, "stage column aligned"

@@ -14,10 +14,11 @@ from PIL import Image
 
 from cxrkit.cli.main import cli
 from cxrkit.config import load_config
-from cxrkit.data.cache import Geometry, open_cache
+from cxrkit.data.cache import open_cache
 from cxrkit.data.decode import read_image
+from cxrkit.data.transforms import Geometry, InputGeometry
 from cxrkit.explain.boxes import clip_boxes, read_nih_boxes
-from cxrkit.explain.localize import BoxParams, InputGeometry, heatmap_to_boxes
+from cxrkit.explain.localize import BoxParams, heatmap_to_boxes
 from cxrkit.explain.run import explain_run, find_box_file
 from cxrkit.training.run import train
 
@@ -149,7 +150,9 @@ def test_explain_a_split_scores_localisation_against_nih_boxes(run_dir, nih_samp
 
     scores = pd.read_csv(out / "localization.csv")
     assert set(scores["criterion"]) == {"IoBB", "IoU"}
-    assert sorted(scores["threshold"].unique()) == [0.1, 0.25, 0.5, 0.75, 0.9]
+    iobb_thresholds = scores.loc[scores["criterion"] == "IoBB", "threshold"].unique()
+    assert sorted(iobb_thresholds) == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert np.sort(scores["heatmap_threshold"].unique()) * 255 == pytest.approx([60, 180])  # Wang et al.
     assert set(scores["finding"]) == set(expected["finding"]) and scores["accuracy"].between(0, 1).all()
     assert set(pd.read_csv(out / "pointing_game.csv")["finding"]) == set(expected["finding"])
     html = (out / "report.html").read_text()

@@ -9,20 +9,21 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cxrkit.data.cache import Geometry
 from cxrkit.data.decode import read_image
-from cxrkit.explain.boxes import clip_boxes, iobb, iou, read_nih_boxes, xywh_to_xyxy
+from cxrkit.data.transforms import Geometry, InputGeometry, PreprocessSpec
+from cxrkit.explain.boxes import boxes_to_image, clip_boxes, iobb, iou, read_nih_boxes, xywh_to_xyxy
 from cxrkit.explain.localize import (
+    WANG_HEATMAP_THRESHOLDS,
+    WANG_OVERLAP_THRESHOLDS,
     BoxParams,
-    InputGeometry,
     LocalizationCase,
+    boxes_per_threshold,
     heatmap_peak,
     heatmap_to_boxes,
     overlap_outcome,
     point_in_boxes,
     score_localization,
 )
-from cxrkit.inference.bundle import PreprocessSpec
 
 # ----------------------------------------------------------------------------------------- box overlap
 
@@ -177,17 +178,19 @@ def test_overlap_outcome_counts_hits_and_false_positives():
     assert overlap_outcome(np.zeros((0, 4)), gt, "IoU", 0.1) == (False, 0)
 
 
+def _case(image: str, finding: str, gt: np.ndarray, pred: np.ndarray, peak) -> LocalizationCase:
+    return LocalizationCase(image, finding, gt, {0.5: pred}, peak)
+
+
 def test_score_localization_matches_hand_counts():
     gt = np.array([[0.0, 0.0, 100.0, 100.0]])
     cases = [
         # exact box: correct at every T, peak inside
-        LocalizationCase("a.png", "Mass", gt, gt.copy(), (50.0, 50.0)),
+        _case("a.png", "Mass", gt, gt.copy(), (50.0, 50.0)),
         # a small box inside (IoU 0.04, IoBB 1) plus a far false positive; peak outside
-        LocalizationCase(
-            "b.png", "Mass", gt, np.array([[10, 10, 30, 30], [300, 300, 400, 400.0]]), (350.0, 350.0)
-        ),
+        _case("b.png", "Mass", gt, np.array([[10, 10, 30, 30], [300, 300, 400, 400.0]]), (350.0, 350.0)),
         # no prediction at all, flat map
-        LocalizationCase("c.png", "Nodule", gt, np.zeros((0, 4)), None),
+        _case("c.png", "Nodule", gt, np.zeros((0, 4)), None),
     ]
     scores = score_localization(cases)
     overlap = scores.overlap.set_index(["finding", "criterion", "threshold"])
@@ -208,6 +211,45 @@ def test_score_localization_matches_hand_counts():
     assert scores.table("IoU").loc["T(IoU)=0.5 Acc.", "Mass"] == 0.5
     with pytest.raises(ValueError, match="no localisation cases"):
         score_localization([])
+
+
+def test_default_thresholds_are_the_papers():
+    """Wang et al. 2017: heatmaps thresholded at 60 and 180 of 255; T(IoBB) 0.1..0.9, T(IoU) 0.1..0.7."""
+    assert np.allclose(np.array(WANG_HEATMAP_THRESHOLDS) * 255, [60, 180])
+    assert WANG_OVERLAP_THRESHOLDS["IoBB"] == (0.1, 0.25, 0.5, 0.75, 0.9)
+    assert WANG_OVERLAP_THRESHOLDS["IoU"] == pytest.approx((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    gt = np.array([[0.0, 0.0, 100.0, 100.0]])
+    scores = score_localization([_case("a.png", "Mass", gt, gt, None)])
+    assert sorted(scores.table("IoU").index)[:1] == ["T(IoU)=0.1 AFP"] and len(scores.table("IoU")) == 14
+
+
+def test_both_heatmap_thresholds_are_scored_as_separate_detections():
+    heatmap = np.zeros((64, 64))
+    heatmap[10:30, 10:30] = 0.4  # a broad region above 60/255 only
+    heatmap[18:22, 18:22] = 1.0  # its core, above 180/255
+    geometry = InputGeometry.fit(1024, 1024, 64, "stretch", 64, "resize")
+    boxes = boxes_per_threshold(heatmap, geometry, (1024, 1024))
+    low, high = WANG_HEATMAP_THRESHOLDS
+    np.testing.assert_allclose(boxes[low], [[160, 160, 480, 480]])
+    np.testing.assert_allclose(boxes[high], [[288, 288, 352, 352]])
+    gt = np.array([[160.0, 160.0, 480.0, 480.0]])
+    scores = score_localization([LocalizationCase("a.png", "Mass", gt, boxes, (320.0, 320.0))])
+    iou_half = scores.overlap.set_index(["heatmap_threshold", "criterion", "threshold"])["accuracy"]
+    assert iou_half[(low, "IoU", 0.5)] == 1.0 and iou_half[(high, "IoU", 0.5)] == 0.0  # 64² box in 320²
+    assert iou_half[(high, "IoBB", 0.9)] == 1.0
+    table = scores.table("IoU")
+    assert (
+        "heatmap 60/255: T(IoU)=0.5 Acc." in table.index and "heatmap 180/255: T(IoU)=0.5 Acc." in table.index
+    )
+
+
+def test_box_threshold_is_a_share_of_the_min_max_range():
+    heatmap = _blobs() * 0.5 + 0.5  # the same map on [0.5, 1]: the paper normalises it first
+    np.testing.assert_array_equal(
+        heatmap_to_boxes(heatmap, BoxParams(threshold=0.7)).boxes,
+        heatmap_to_boxes(_blobs(), BoxParams(threshold=0.7)).boxes,
+    )
+    assert heatmap_to_boxes(np.full((8, 8), 0.3)).boxes.shape == (0, 4)
 
 
 # ----------------------------------------------------------------------------------------- coordinate mapping
@@ -265,7 +307,7 @@ def test_real_nih_box_maps_to_model_space_and_back(nih_sample, image_size, crop_
     assert image.shape == (1024, 1024)
     spec = PreprocessSpec(image_size, "letterbox", crop_size, eval_mode)
     cache_image, cache_geometry = spec.cache_image(image)
-    geometry = InputGeometry.from_spec(cache_geometry, spec)
+    geometry = spec.input_geometry(cache_geometry)
     model_box = geometry.to_input_boxes(gt)[0]
     assert 0 <= model_box[0] < model_box[2] <= crop_size and 0 <= model_box[1] < model_box[3] <= crop_size
 
@@ -312,9 +354,36 @@ def test_heatmap_to_original_zeroes_what_the_model_did_not_see():
 
 def test_localization_table_columns_are_findings():
     gt = np.array([[0.0, 0.0, 10.0, 10.0]])
-    scores = score_localization([LocalizationCase("a", "Effusion", gt, gt, (5.0, 5.0))], thresholds=(0.5,))
+    scores = score_localization([_case("a", "Effusion", gt, gt, (5.0, 5.0))], thresholds={"IoU": (0.5,)})
     assert isinstance(scores.overlap, pd.DataFrame)
     assert scores.table("IoU").to_dict() == {
         "Effusion": {"T(IoU)=0.5 Acc.": 1.0, "T(IoU)=0.5 AFP": 0.0},
         "Mean": {"T(IoU)=0.5 Acc.": 1.0, "T(IoU)=0.5 AFP": 0.0},
     }
+
+
+@pytest.mark.parametrize("side", [224, 512])
+def test_ground_truth_follows_a_downscaled_copy(nih_sample, tmp_path, side):
+    """NIH boxes are in 1024² release pixels; on a downscaled copy they are rescaled to the file read, so a
+    heatmap exactly on the finding scores as it does on the original (and would miss without rescaling)."""
+    image, gt = _nih_box(nih_sample, "Cardiomegaly")
+    copy = tmp_path / f"copy_{side}.png"
+    Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR).save(copy)
+    small = read_image(copy)
+    assert small.shape == (side, side)
+    gt_small = boxes_to_image(gt, small.shape)
+    np.testing.assert_allclose(gt_small, gt * side / 1024)
+    spec = PreprocessSpec(128, "letterbox", 128, "resize")
+    geometry = spec.input_geometry(spec.cache_image(small)[1])
+    heatmap = _paint(geometry.to_input_boxes(gt_small)[0], 128)
+    boxes = boxes_per_threshold(heatmap, geometry, small.shape)
+    case = LocalizationCase(copy.name, "Cardiomegaly", gt_small, boxes, None)
+    overlap = score_localization([case]).overlap.set_index(["criterion", "threshold"])
+    assert (overlap.loc[("IoU", 0.7), "accuracy"] == 1.0).all()
+    unscaled = LocalizationCase(copy.name, "Cardiomegaly", gt, boxes, None)
+    assert (
+        score_localization([unscaled])
+        .overlap.set_index(["criterion", "threshold"])
+        .loc[("IoU", 0.5), "accuracy"]
+        == 0
+    ).all()

@@ -92,6 +92,44 @@ def test_single_class_label_is_undefined_and_left_out_of_macro():
     assert np.isfinite(intervals.loc[MACRO, "auroc_low"])
 
 
+def test_bootstrap_mean_averages_one_common_set_of_findings():
+    """A rare finding undefined in some replicates makes those replicates' mean undefined; it never
+    silently drops out of the average (which would mix means over different findings)."""
+    pred = make_predictions(n_patients=40, images_per_patient=1, n_labels=3, unknown=0.0)
+    y = pred.y_true.copy()
+    y[:, 2] = 0.0
+    y[:2, 2] = 1.0  # L2: two positive patients, absent from many replicates
+    pred = Predictions(y, pred.y_score, pred.patient_ids, pred.labels)
+    result = bs.bootstrap(pred, n_replicates=200, seed=3)
+    per_label = result.per_label_samples()["auroc"]
+    rare_undefined = np.isnan(per_label[:, 2])
+    assert 10 < rare_undefined.sum() < 190
+    mean = per_label[:, len(pred.labels)]
+    assert np.isnan(mean[rare_undefined]).all()
+    np.testing.assert_allclose(mean[~rare_undefined], per_label[~rare_undefined, :3].mean(axis=1))
+    assert result.table().loc[MACRO, "auroc_replicates"] == (~rare_undefined).sum()
+
+
+def test_no_finding_is_left_out_of_every_mean_unless_alone():
+    pred = make_predictions(n_labels=3)
+    pred = Predictions(pred.y_true, pred.y_score, pred.patient_ids, ["L0", "L1", "No Finding"])
+    findings = ["L0", "L1"]
+    table = metrics.ranking_table(pred)
+    assert table.loc[MACRO, "auroc"] == pytest.approx(table.loc[findings, "auroc"].mean())
+    rates = metrics.threshold_table(pred, {label: 0.4 for label in pred.labels})
+    assert rates.loc[MACRO, "sensitivity"] == pytest.approx(rates.loc[findings, "sensitivity"].mean())
+    samples = bs.bootstrap(pred, n_replicates=30).per_label_samples()["auroc"]
+    np.testing.assert_allclose(samples[:, 3], samples[:, :2].mean(axis=1))
+    same = compare_runs(pred, pred, n_replicates=30).table
+    assert same.loc[MACRO, "auroc_a"] == pytest.approx(table.loc[MACRO, "auroc"])
+    alone = pred.select_labels(["No Finding"])
+    assert metrics.ranking_table(alone).loc[MACRO, "auroc"] == pytest.approx(
+        metrics.ranking_table(alone).loc["No Finding", "auroc"]
+    )
+    assert metrics.mean_label_mask(["No Finding", "A"]).tolist() == [False, True]
+    assert metrics.mean_label_mask(["No Finding"]).tolist() == [True]
+
+
 def test_rates_at_a_threshold_equal_scikit_learn():
     pred = make_predictions(unknown=0.2)
     thresholds = {"L0": 0.3, "L1": 0.45, "L2": 0.6}

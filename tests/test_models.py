@@ -55,7 +55,7 @@ def vit() -> CXRModel:
         ("resnet18", 512),
         ("densenet121", 1024),
         ("tf_efficientnet_lite0", 1280),
-        ("mobilenetv3_small_100", 1024),
+        ("mobilenetv3_small_100", 576),
         ("convnext_tiny", 768),
     ],
 )
@@ -68,6 +68,54 @@ def test_forward_gives_one_logit_per_class(arch: str, channels: int) -> None:
     assert features.shape == (2, channels, 2, 2)
     assert logits.shape == (2, 5)
     assert torch.isfinite(logits).all()
+
+
+#: Every backbone a recipe in configs/ uses, plus the families cxrkit documents (ViT, MobileNetV3).
+RECIPE_BACKBONES = [
+    "densenet121",
+    "resnet18",
+    "resnet50",
+    "efficientnet_b4",
+    "tf_efficientnet_lite0",
+    "convnext_tiny",
+    "mobilenetv3_small_100",
+    "vit_small_patch16_224",
+]
+
+
+@pytest.mark.parametrize("arch", RECIPE_BACKBONES)
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_pooled_features_are_the_backbones_own(arch: str, head: str) -> None:
+    """The head classifies exactly what the pretrained network pools: timm's ``forward_head(pre_logits=True)``
+    of the default model (ConvNeXt: pool, then LayerNorm; MobileNetV3: pool, then conv_head; ViT: class
+    token) — not an average of a per-position-normalised map."""
+    import timm
+
+    torch.manual_seed(0)
+    model = make(arch, num_classes=3, head=HeadConfig(type=head, hidden_units=16))
+    reference = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=model.backbone_in_chans)
+    reference.load_state_dict(model.backbone.state_dict())
+    reference.eval()
+    side = 224 if "vit" in arch else 64
+    images = torch.rand(2, 1, side, side)
+    with torch.no_grad():
+        raw = reference.forward_features(model.normalize(images))
+        expected = reference.forward_head(raw, pre_logits=True)
+        logits, pooled = model.forward_with_features(images)
+        assert torch.allclose(model.pooled_features(images), expected, atol=1e-5)
+        assert torch.allclose(pooled, expected, atol=1e-5)
+        assert torch.allclose(logits, model.head(expected), atol=1e-5)
+        assert torch.allclose(model(images), logits)
+
+
+def test_convnext_pooling_differs_from_averaging_a_normalised_map() -> None:
+    """Why the previous per-position LayerNorm then average was wrong for ConvNeXt."""
+    model = shared("convnext_tiny")
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        feature_map = model.forward_features(images)
+        per_position = model.backbone.head.norm(feature_map).mean(dim=(2, 3))
+        assert not torch.allclose(per_position, model.pooled_features(images), atol=1e-3)
 
 
 def test_vit_tokens_become_a_patch_grid(vit: CXRModel) -> None:
@@ -105,18 +153,18 @@ def test_wrong_input_channels_is_a_clear_error(resnet: CXRModel) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("override", "message"),
     [
-        ("arch", "resnet_does_not_exist", "model.arch"),
-        ("channel_adapt", "average", "model.channel_adapt"),
-        ("in_chans", 0, "model.in_chans"),
+        ("model.arch=resnet_does_not_exist", "model.arch"),
+        ("model.channel_adapt=average", "model.channel_adapt"),
+        ("model.in_chans=0", "model.in_chans"),
     ],
 )
-def test_invalid_config_names_the_field(field: str, value, message: str) -> None:
-    cfg = ModelConfig(arch="resnet18", pretrained=PretrainedConfig(source="none"))
-    setattr(cfg, field, value)
-    with pytest.raises(ValueError, match=message):
-        create_model(cfg, num_classes=2)
+def test_invalid_config_names_the_field(override: str, message: str) -> None:
+    from cxrkit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):  # checked when the config loads
+        load_config(None, ["model.pretrained.source=none", override])
 
 
 def test_run_config_overrides_build_the_model() -> None:
@@ -200,10 +248,11 @@ def test_lse_pool_interpolates_between_average_and_max() -> None:
     assert torch.isfinite(lse_pool(features * 1e3, 10.0)).all()  # no overflow
 
 
-def test_linear_head_is_average_pool_dropout_linear() -> None:
+def test_linear_head_is_dropout_linear_on_pooled_features() -> None:
     head = LinearHead(6, 2, drop_rate=0.3).eval()
-    features = torch.randn(3, 6, 2, 2)
-    torch.testing.assert_close(head(features), head.fc(features.mean(dim=(2, 3))))
+    features = torch.randn(3, 6)
+    torch.testing.assert_close(head(features), head.fc(features))
+    assert not head.takes_map
     assert head.drop.p == pytest.approx(0.3)
 
 
@@ -217,7 +266,7 @@ def test_mlp_head_has_the_configured_hidden_layers() -> None:
     assert [m.p for m in head.hidden if isinstance(m, nn.Dropout)] == [0.25, 0.25]
     assert head.drop.p == pytest.approx(0.1)
     assert (head.fc.in_features, head.fc.out_features) == (16, 3)
-    assert head(torch.randn(4, 8, 3, 3)).shape == (4, 3)
+    assert head(torch.randn(4, 8)).shape == (4, 3)
 
 
 def test_lse_head_transition_pool_predict() -> None:
@@ -283,7 +332,7 @@ def test_group_patterns_select_exactly_their_group(arch: str) -> None:
         ("resnet18", "layer4"),
         ("densenet121", "features.norm5"),
         ("tf_efficientnet_lite0", "bn2"),
-        ("mobilenetv3_small_100", "act2"),
+        ("mobilenetv3_small_100", "blocks.5"),
         ("convnext_tiny", "stages.3"),
     ],
 )

@@ -1,4 +1,4 @@
-"""ONNX export (dynamic batch, opset >= 17), parity with PyTorch on real images, and the int8 gate."""
+"""ONNX export (dynamic batch, opset >= 17) and parity with PyTorch on real images (int8: test_quantize)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,10 @@ from omegaconf import OmegaConf
 
 from cxrkit.config import to_container
 from cxrkit.data.decode import read_image
-from cxrkit.inference.bundle import Bundle, PreprocessSpec, add_int8, add_onnx
+from cxrkit.data.transforms import PreprocessSpec
+from cxrkit.inference.bundle import Bundle
+from cxrkit.inference.export import add_onnx
 from cxrkit.inference.onnx_export import MIN_OPSET, create_session, export_onnx, run_session
-from cxrkit.inference.predictor import Predictor
-from cxrkit.inference.quantize import (
-    QuantizationReport,
-    accept_quantization,
-    evaluate_quantization,
-    mean_auroc,
-)
 from cxrkit.models.config import ModelConfig
 from cxrkit.models.factory import create_model
 
@@ -111,82 +106,3 @@ def test_bundle_records_parity(real_paths: list[Path]) -> None:
     sample = np.stack([bundle.preprocess.cache_image(read_image(path))[0] for path in real_paths])
     add_onnx(bundle, model, sample=sample)
     assert bundle.onnx is not None and 0 <= bundle.onnx_parity < 1e-4
-
-
-@pytest.mark.parametrize(
-    ("fp32", "int8", "accepted"),
-    [
-        (0.80, 0.80, True),
-        (0.80, 0.7951, True),
-        (0.80, 0.795, False),
-        (0.80, 0.70, False),
-        (0.80, 0.81, True),
-        (float("nan"), 0.8, False),
-        (0.8, float("nan"), False),
-    ],
-)
-def test_gate_accepts_only_drops_below_the_limit(fp32: float, int8: float, accepted: bool) -> None:
-    assert accept_quantization(fp32, int8, 0.005) is accepted
-    report = QuantizationReport(fp32, int8, 0.005, 10, LABELS)
-    assert report.accepted is accepted
-    assert report.to_dict()["accepted"] is accepted
-
-
-def test_mean_auroc_skips_undefined_labels() -> None:
-    targets = np.array([[1, 0, np.nan], [0, 0, 1], [1, 0, np.nan], [0, 0, 0]], dtype=float)
-    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.3, 0.9], [0.25, 0.2, 0.1], [0.3, 0.4, 0.2]])
-    value, scored = mean_auroc(targets, scores, LABELS)
-    assert scored == ["Effusion", "Atelectasis"]
-    assert value == pytest.approx((0.75 + 1.0) / 2)
-    with pytest.raises(ValueError, match="undefined"):
-        mean_auroc(np.zeros((3, 1)), np.ones((3, 1)), ["Effusion"])
-
-
-@pytest.fixture(scope="module")
-def quantisable(nih_rows: pd.DataFrame) -> tuple[Bundle, np.ndarray, np.ndarray]:
-    model, config = _network("resnet18")
-    bundle = Bundle(
-        "t",
-        "1",
-        LABELS,
-        dict.fromkeys(LABELS, 0.5),
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "letterbox", 64),
-        config,
-        {},
-        model.state_dict(),
-    )
-    add_onnx(bundle, model)
-    images = np.stack([bundle.preprocess.cache_image(read_image(path))[0] for path in nih_rows["path"]])
-    return bundle, images, nih_rows[LABELS].to_numpy()
-
-
-def test_quantisation_is_measured_on_real_validation_images(quantisable) -> None:
-    bundle, images, targets = quantisable
-    from cxrkit.inference.quantize import quantize_onnx
-
-    int8 = quantize_onnx(bundle.onnx)
-    assert len(int8) < len(bundle.onnx) / 2  # weights are int8
-    report = evaluate_quantization(
-        bundle.onnx, int8, images, targets, LABELS, transform=bundle.preprocess.model_input
-    )
-    assert report.n_images == len(images) and report.labels_scored == LABELS
-    assert 0 <= report.auroc_fp32 <= 1 and 0 <= report.auroc_int8 <= 1
-    assert report.accepted is (report.drop < 0.005)
-
-
-@pytest.mark.parametrize("max_drop", [1.0, -1.0])
-def test_bundle_keeps_int8_only_when_the_gate_passes(quantisable, max_drop: float) -> None:
-    bundle, images, targets = quantisable
-    bundle.onnx_int8 = None
-    add_int8(bundle, images, targets, max_drop=max_drop)
-    assert bundle.quantization["max_drop"] == max_drop
-    if max_drop > 0:
-        assert bundle.quantization["accepted"] and bundle.onnx_int8 is not None
-        predictor = Predictor(bundle)
-        assert predictor.backend == "onnx-int8"
-        assert predictor.predict([images[0]])[0].ok
-    else:
-        assert not bundle.quantization["accepted"] and bundle.onnx_int8 is None
-        assert Predictor(bundle).backend == "onnx"

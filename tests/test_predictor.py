@@ -3,6 +3,7 @@ preprocessing, heatmaps, CSV/JSON output."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -139,6 +140,30 @@ def test_heatmaps_cover_the_original_image(bundle_path: Path, real_files: list[P
     assert heatmap.min() >= 0.0 and heatmap.max() <= 1.0 and heatmap.max() > 0.1
     with pytest.raises(ValueError, match="unknown labels"):
         predictor.predict([jpeg], heatmaps=["Nodule"])
+
+
+def test_bytes_and_file_objects_predict_like_their_paths(
+    predictor: Predictor, real_files: list[Path]
+) -> None:
+    """Uploads need no file: encoded bytes and binary streams go through the same core as paths; a DICOM
+    without its preamble marker is read when its name says .dcm."""
+    png, dicom = real_files[0], real_files[3]
+    with dicom.open("rb") as stream:
+        inputs = [png.read_bytes(), io.BytesIO(png.read_bytes()), stream, dicom.read_bytes()]
+        results = predictor.predict(inputs)
+        reference = predictor.predict([png, dicom])
+    assert [r.source for r in results] == ["bytes[0]", "stream[1]", str(dicom), "bytes[3]"]
+    for result, expected in zip(
+        results, [reference[0], reference[0], reference[1], reference[1]], strict=True
+    ):
+        assert result.ok, result.error
+        assert result.probabilities == pytest.approx(expected.probabilities, abs=1e-12)
+    headless = dicom.read_bytes()[132:]  # no 128-byte preamble and DICM marker
+    prepared = predictor.prepare(headless, "upload.dcm")
+    assert prepared.error is None and np.array_equal(
+        prepared.cache_image, predictor.prepare(dicom, "f").cache_image
+    )
+    assert predictor.prepare(headless, "upload.png").error is not None
 
 
 def test_heatmap_mapping_inverts_the_letterbox(predictor: Predictor) -> None:

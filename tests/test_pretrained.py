@@ -382,3 +382,42 @@ def test_torchxrayvision_file_with_code_is_refused(tmp_path: Path, legacy: bool)
     with pytest.raises(PretrainedWeightsError, match="refused to load"):
         create_model(model_cfg("densenet121", "torchxrayvision", path=str(tmp_path)), num_classes=2)
     assert not marker.exists()
+
+
+class OutsideAllowlist(torch.nn.Module):
+    """An nn.Module class neither of torch.nn nor of torchxrayvision: naming it must not be enough."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_torchxrayvision_payloads_inside_a_model_or_its_classes_are_refused(
+    xrv_densenet: torch.nn.Module, tmp_path: Path, legacy: bool
+) -> None:
+    """Through torch's weights-only unpickler: a payload in a module's state, or a module class outside the
+    allowlist (the legacy format names classes in persistent records, which are checked like any global)."""
+    import copy
+
+    from cxrkit.models.torchxrayvision_weights import read_pickled_model
+
+    marker = tmp_path / "pwned"
+    poisoned = copy.deepcopy(xrv_densenet)
+    poisoned.payload = CodeInPickle(marker)
+    for index, model in enumerate((poisoned, OutsideAllowlist())):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        with pytest.raises(PretrainedWeightsError, match="refused to load") as error:
+            read_pickled_model(xrv_cache(folder, model, legacy))
+        assert "\n" not in str(error.value)
+    assert not marker.exists()
+
+
+def test_torchxrayvision_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
+    from cxrkit.models.torchxrayvision_weights import read_pickled_model
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x80\x02not a torch file")
+    with pytest.raises(PretrainedWeightsError, match=r"broken\.pt"):
+        read_pickled_model(broken)

@@ -2,8 +2,8 @@
 
 Each recipe keeps its model, loss, optimiser, schedule and stages; the data sources are swapped for tiny
 copies of the real NIH sample and pneumonia folders (symlinks), images shrink to 48 px, stages and epochs to
-one short epoch. Hub weights cannot be fetched offline, so ``hub`` becomes ``none``; the offline recipes
-keep their real EfficientNet-Lite weights.
+one short epoch (``train.max_epochs`` only without stages, which decide the epochs). Hub weights cannot be
+fetched offline, so ``hub`` becomes ``none``; the offline recipes keep their real EfficientNet-Lite weights.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ def tiny_overrides(recipe: str, data: dict[str, Path], out: Path) -> list[str]:
         "data.loader.num_workers=0",
         "data.loader.pin_memory=false",
         "data.no_finding_ratio=null",
-        "train.max_epochs=1",
         "train.limit_train_batches=2",
         "train.loggers=[csv]",
     ]
@@ -49,7 +48,8 @@ def tiny_overrides(recipe: str, data: dict[str, Path], out: Path) -> list[str]:
     else:
         kind = "folder" if config.data.sources[0].adapter == "folder" else "nih"
         overrides += [f"data.sources.0.adapter={kind}", f"data.sources.0.root={data[kind]}"]
-    overrides += [f"train.stages.{i}.epochs=1" for i in range(len(config.train.stages))]
+    stages = range(len(config.train.stages))  # the stages decide the epochs: one each, else max_epochs=1
+    overrides += [f"train.stages.{i}.epochs=1" for i in stages] or ["train.max_epochs=1"]
     if config.model.pretrained.source == "hub":
         overrides.append("model.pretrained.source=none")
     return overrides

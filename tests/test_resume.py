@@ -1,4 +1,10 @@
-"""Exact resume: a training killed with SIGKILL mid-epoch, then resumed, ends like an uninterrupted one."""
+"""Exact resume: a training killed with SIGKILL mid-epoch, then resumed, ends like an uninterrupted one.
+
+The SIGKILL tests run the real data path on real X-rays (the pneumonia images of the ``tiny_data_root``
+fixture): manifest, patient split, uint8 cache, :class:`~cxrkit.data.dataset.CXRDataModule` with its
+epoch-seeded sampler and its augmentation reseeded from (seed, epoch), so what is resumed is what training
+really does.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +29,9 @@ from test_training import (  # noqa: E402
     SyntheticDataModule,
     TinyNet,
     epoch_table,
+    fit_real,
     invoke,
-    make_folder_dataset,
+    real_data_overrides,
     write_cli_config,
 )
 
@@ -56,16 +63,17 @@ SCRIPT = """
 import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from test_training import SyntheticDataModule, TinyNet
+from test_training import TinyNet
 from cxrkit.config import load_config
+from cxrkit.data.dataset import CXRDataModule
 from cxrkit.training import run
 
 
-class PausingDataModule(SyntheticDataModule):
+class PausingDataModule(CXRDataModule):
     '''Announces reaching (epoch, batch) in a marker file, then waits to be killed.'''
 
-    def __init__(self, marker, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, marker, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.marker, self.batches = Path(marker), 0
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -79,11 +87,13 @@ class PausingDataModule(SyntheticDataModule):
 
 
 config = load_config(None, sys.argv[2:])
-run.fit(config, PausingDataModule(sys.argv[1], seed=int(config.seed)), TinyNet, config.output_dir)
+run.build_datamodule(config)  # the cache the reference run built, reused as it is
+data = PausingDataModule(sys.argv[1], config.data, config.data.cache.dir, seed=int(config.seed))
+run.fit(config, data, TinyNet, config.output_dir)
 """
 
 
-def _config(run_dir: Path, scenario: str) -> list[str]:
+def _config(run_dir: Path, scenario: str, data: tuple[str, ...] | list[str] = ()) -> list[str]:
     return [
         f"output_dir={run_dir}",
         "name=resume",
@@ -95,6 +105,7 @@ def _config(run_dir: Path, scenario: str) -> list[str]:
         "train.log_every_n_steps=1",
         "train.optimizer.lr=0.02",
         *SCENARIOS[scenario],
+        *data,
     ]
 
 
@@ -128,18 +139,18 @@ def _train_until_killed(tmp_path: Path, overrides: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, scenario):
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, scenario, tiny_data_root):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    reference_config = load_config(None, _config(reference_dir, scenario))
-    run.fit(reference_config, SyntheticDataModule(seed=3), TinyNet, reference_dir)
+    data = real_data_overrides(tiny_data_root, tmp_path / "cache")
+    fit_real(load_config(None, _config(reference_dir, scenario, data)))
 
-    _train_until_killed(tmp_path, _config(killed_dir, scenario))
+    _train_until_killed(tmp_path, _config(killed_dir, scenario, data))
     last = torch.load(killed_dir / "checkpoints/last.ckpt", weights_only=False)
     assert last["epoch"] == KILL_EPOCH, "last.ckpt should hold the state at the start of the killed epoch"
     interrupted_rows = pd.read_csv(killed_dir / "metrics.csv")
     assert interrupted_rows["epoch"].max() < KILL_EPOCH + 1
 
-    run.fit(run.load_run_config(killed_dir), SyntheticDataModule(seed=3), TinyNet, killed_dir, resume=True)
+    fit_real(run.load_run_config(killed_dir), resume=True)
 
     pd.testing.assert_frame_equal(epoch_table(killed_dir), epoch_table(reference_dir))
     for name in ("last", "best"):
@@ -170,13 +181,14 @@ def _assert_identical(resumed, reference, where: str) -> None:
 
 
 @pytest.mark.slow
-def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    """`cxr train` on an image folder, SIGKILL as soon as the first last.ckpt exists, `cxr train --resume`."""
-    data_root = make_folder_dataset(tmp_path / "pneumonia", per_class=40)
+def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_data_root):
+    """`cxr train` on real X-rays, SIGKILL as soon as the first last.ckpt exists, `cxr train --resume`."""
+    data_root = tiny_data_root / "pneumonia"
     train = {"max_epochs": 3, "ema_decay": 0.7, "loss": {"name": "weighted_bce"}}
     reference_config = write_cli_config(tmp_path, data_root, name="reference", **train)
     killed_config = write_cli_config(tmp_path, data_root, name="killed", **train)
-    invoke("train", "-c", str(reference_config), "data.loader.batch_size=4")
+    options = ["data.loader.batch_size=4", "data.split.seed=3"]  # both classes in every split
+    invoke("train", "-c", str(reference_config), *options)
     reference_dir, killed_dir = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
 
     last = killed_dir / "checkpoints" / "last.ckpt"
@@ -186,7 +198,7 @@ def test_cli_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
             "train",
             "-c",
             str(killed_config),
-            "data.loader.batch_size=4",
+            *options,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -21,7 +21,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from bundles import LABELS, THRESHOLDS, tiny_bundle
-from cxrkit.serve.app import STATIC_DIR, BackgroundServer, ServiceSettings, create_app
+from cxrkit.serve.app import STATIC_DIR, ServiceSettings, create_app
+from servers import BackgroundServer
 
 LIMIT = 3 * 1024 * 1024
 
@@ -242,7 +243,7 @@ def test_eight_concurrent_clients_on_loopback(bundle_path: Path, png: bytes, sha
 
 
 def test_micro_batcher_groups_concurrent_requests() -> None:
-    from cxrkit.serve.app import MicroBatcher
+    from cxrkit.serve.batching import MicroBatcher
 
     sizes = []
 

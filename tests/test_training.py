@@ -1,9 +1,9 @@
-"""Training end to end on synthetic data: run-directory artefacts, staged fine-tuning, determinism, EMA, test.
+"""Training end to end: run-directory artefacts, staged fine-tuning, determinism, EMA, test.
 
-The synthetic data module follows the contract of :class:`cxrkit.data.dataset.CXRDataModule` (batches of
-``(images [B,1,S,S] in [0,1], targets [B,L] with NaN)``, per-epoch seeded shuffle, augmentation in
-``on_after_batch_transfer``) so the trainer is tested without the image cache; ``test_resume.py`` and
-``test_ddp.py`` import it from here for their subprocess scripts.
+Determinism (here) and the SIGKILL resume tests (``test_resume.py``) run the real data path on real X-rays
+(:func:`real_data_overrides`: cache, :class:`cxrkit.data.dataset.CXRDataModule`, its epoch sampler and
+augmentation reseeding). The other trainer tests use a small synthetic data module with a learnable signal
+that follows the same batch contract (``(images [B,1,S,S] in [0,1], targets [B,L] with NaN)``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from cxrkit.cli.main import cli
-from cxrkit.config import load_config
+from cxrkit.config import ConfigError, load_config
+from cxrkit.evaluation.metrics import MACRO, Predictions, ranking_table
 from cxrkit.models.factory import create_model
+from cxrkit.reporting.plots import save_training_curves, training_curves
 from cxrkit.training import run
 from cxrkit.training.callbacks import AtomicCheckpointIO, monitor_mode
 from cxrkit.training.module import CXRClassifier, MaskedMultilabelAUROC, mean_over_findings, tta_views
@@ -158,6 +163,33 @@ def fit_synthetic(config, run_dir: Path | None = None, resume: bool = False, **d
     )
 
 
+def real_data_overrides(data_root: Path, cache_dir: Path) -> list[str]:
+    """The real data path on real X-rays: the 2 x 24 pneumonia images of the ``tiny_data_root`` fixture
+    through the folder adapter, a patient split, the uint8 cache (48 px), the epoch-seeded sampler and the
+    device-side augmentation (rotation, translation, scale, crop, brightness and contrast, 40 px crops)."""
+    return [
+        f"data.sources=[{{adapter: folder, root: '{data_root / 'pneumonia'}'}}]",
+        "data.no_finding=zeros",
+        "data.split.method=random",
+        "data.split.val_fraction=0.25",
+        "data.split.test_fraction=0.25",
+        "data.split.seed=3",  # both classes in every split (23 / 14 / 11 images)
+        f"data.cache.dir='{cache_dir}'",
+        "data.cache.image_size=48",
+        "data.cache.workers=1",  # decode in this process (no forked pool)
+        "data.augment.crop_size=40",
+        "data.loader.batch_size=8",
+        "data.loader.num_workers=0",
+    ]
+
+
+def fit_real(config, resume: bool = False) -> Path:
+    """:func:`cxrkit.training.run.fit` with the real :class:`~cxrkit.data.dataset.CXRDataModule`."""
+    datamodule = run.build_datamodule(config)
+    assert type(datamodule).__name__ == "CXRDataModule"
+    return run.fit(config, datamodule, TinyNet, Path(config.output_dir), resume=resume)
+
+
 def epoch_table(run_dir: Path) -> pd.DataFrame:
     """Per-epoch metrics of a run, without the wall-clock throughput."""
     frame = pd.read_csv(run_dir / "metrics.csv").drop(columns=["train/images_per_s"], errors="ignore")
@@ -198,7 +230,7 @@ def write_cli_config(tmp_path: Path, data_root: Path, name: str = "e2e", **train
         },
         "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
         "train": {
-            "max_epochs": 2,
+            **({} if "stages" in train else {"max_epochs": 2}),  # stages decide the length themselves
             "loggers": ["csv"],
             "accelerator": "cpu",
             "devices": "1",
@@ -240,7 +272,7 @@ def test_cli_train_and_test_on_an_image_folder(tmp_path):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "labels.json").read_text()) == ["Pneumonia"]
     record = json.loads((run_dir / "mlflow.json").read_text())
-    assert record["tracking_uri"] == f"sqlite:///{(tmp_path / 'runs' / 'mlruns' / 'mlflow.db').resolve()}"
+    assert record["tracking_uri"] == f"sqlite:///{(run_dir / 'mlruns' / 'mlflow.db').resolve()}"
     import mlflow
 
     logged = mlflow.MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
@@ -252,7 +284,7 @@ def test_cli_train_and_test_on_an_image_folder(tmp_path):
     trained = run.load_trained_model(run_dir, "best")
     assert trained.labels == ["Pneumonia"] and trained.model(torch.rand(2, 1, 28, 28)).shape == (2, 1)
 
-    output = invoke("test", str(run_dir), "--ckpt", "last")
+    output = invoke("test", str(run_dir), "--checkpoint", "last")
     payload = json.loads((run_dir / "test_metrics_last.json").read_text())
     assert payload["checkpoint"] == "checkpoints/last.ckpt" and payload["tta"] is True
     assert 0 <= payload["metrics"]["test/auroc/Pneumonia"] <= 1
@@ -305,11 +337,14 @@ def test_training_writes_every_run_artefact(tmp_path):
 
 
 @pytest.mark.slow
-def test_same_seed_gives_same_metrics(tmp_path):
-    first = fit_synthetic(tiny_config(tmp_path / "a", "train.max_epochs=2"))
-    second = fit_synthetic(tiny_config(tmp_path / "b", "train.max_epochs=2"))
+def test_same_seed_gives_same_metrics(tmp_path, tiny_data_root):
+    """Through the real data module on real images: same seed, same run (shuffle, augmentation, init)."""
+    data = real_data_overrides(tiny_data_root, tmp_path / "cache")
+    first = fit_real(tiny_config(tmp_path / "a", *data))
+    second = fit_real(tiny_config(tmp_path / "b", *data))
     pd.testing.assert_frame_equal(epoch_table(first), epoch_table(second))
-    other_seed = fit_synthetic(tiny_config(tmp_path / "c", "train.max_epochs=2", "seed=8"))
+    assert epoch_table(first)["val/auroc_mean"].notna().sum() == 2
+    other_seed = fit_real(tiny_config(tmp_path / "c", *data, "seed=8"))
     assert not epoch_table(first)["train/loss_step"].equals(epoch_table(other_seed)["train/loss_step"])
 
 
@@ -324,7 +359,8 @@ def test_staged_fine_tuning_freezes_and_switches(tmp_path):
         '{name: layer2, trainable: ["backbone.layer2.*", "head.*"], epochs: 1, lr: 0.01,'
         " loss: {name: focal, gamma: 2.0}}]"
     )
-    config = tiny_config(tmp_path, stages, "train.scheduler.name=none", "train.max_epochs=99")
+    config = tiny_config(tmp_path, stages, "train.scheduler.name=none")
+    assert config.train.max_epochs == 2, "the stages decide the epochs; the config says so"
     snapshots = {}
 
     def build(num_labels):
@@ -334,7 +370,7 @@ def test_staged_fine_tuning_freezes_and_switches(tmp_path):
 
     run_dir = run.fit(config, SyntheticDataModule(seed=7), build, config.output_dir)
     ckpt = torch.load(Path(run_dir) / "checkpoints/last.ckpt", weights_only=False)
-    assert ckpt["epoch"] == 2, "total epochs = sum of stage epochs (max_epochs ignored)"
+    assert ckpt["epoch"] == 2, "total epochs = sum of stage epochs"
     final = {name[len("model.") :]: value for name, value in ckpt["state_dict"].items()}
     init = snapshots["init"]
     # stem and layer1 never train (weights and BatchNorm statistics frozen); layer2 trains in stage 2 only
@@ -405,8 +441,46 @@ def test_masked_auroc_skips_labels_without_both_classes():
     aurocs = metric.compute()
     assert set(aurocs) == {"A", "No Finding"}  # B has only positives among its known targets
     assert aurocs["A"] == pytest.approx(1.0)
-    assert mean_over_findings(aurocs) == pytest.approx(1.0)  # No Finding left out of the mean
-    assert math.isnan(float(mean_over_findings({})))
+    labels = ["A", "B", "No Finding"]
+    assert mean_over_findings(aurocs, labels) == pytest.approx(1.0)  # No Finding left out of the mean
+    assert math.isnan(float(mean_over_findings({}, labels)))
+    # The rule of the evaluation report's mean: the monitor equals the report's macro AUROC.
+    pred = Predictions(targets.numpy(), probs.numpy(), np.arange(4), labels)
+    assert float(mean_over_findings(aurocs, labels)) == pytest.approx(ranking_table(pred).loc[MACRO, "auroc"])
+    alone = {"No Finding": aurocs["No Finding"]}
+    assert mean_over_findings(alone, ["No Finding"]) == pytest.approx(float(aurocs["No Finding"]))
+
+
+def test_training_curves_plot_every_metric_without_switching_the_backend(tmp_path):
+    """One training-curve figure (cxrkit.reporting.plots) for the run folder and the evaluation report;
+    importing the training code leaves matplotlib's backend alone."""
+    metrics_csv = tmp_path / "metrics.csv"
+    pd.DataFrame(
+        {
+            "epoch": [0, 0, 1, 1],
+            "step": [4, 4, 9, 9],
+            "train/loss_epoch": [0.7, np.nan, 0.5, np.nan],
+            "val/loss": [np.nan, 0.6, np.nan, 0.55],
+            "val/auroc/Effusion": [np.nan, 0.6, np.nan, 0.7],
+            "val/auroc_mean": [np.nan, 0.65, np.nan, 0.72],
+        }
+    ).to_csv(metrics_csv, index=False)
+    figure = training_curves(metrics_csv)
+    loss_ax, metric_ax = figure.axes
+    assert [line.get_label() for line in loss_ax.lines] == ["train/loss_epoch", "val/loss"]
+    assert [line.get_label() for line in metric_ax.lines] == ["Effusion", "mean AUROC"]
+    np.testing.assert_allclose(metric_ax.lines[1].get_ydata(), [0.65, 0.72])
+    assert save_training_curves(metrics_csv, tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="epoch"):
+        pd.DataFrame({"x": [1]}).to_csv(tmp_path / "bad.csv", index=False)
+        training_curves(tmp_path / "bad.csv")
+    code = (
+        "import matplotlib; import cxrkit.training.callbacks, cxrkit.evaluation.report; "
+        "print(matplotlib.get_backend())"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip() == "svg"
 
 
 def test_tta_views_are_deterministic_crops_without_flips():
@@ -424,14 +498,10 @@ def test_monitor_mode():
 
 
 def test_module_rejects_bad_settings():
-    config = load_config(None, ["train.optimizer.name=lamb"])
-    module = CXRClassifier(TinyNet(4), LABELS, config.train)
-    from cxrkit.training.module import build_optimizer
-
-    with pytest.raises(ValueError, match=r"train\.optimizer\.name"):
-        build_optimizer(config.train.optimizer, module.model)
-    with pytest.raises(ValueError, match=r"train\.scheduler\.name"):
-        CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.scheduler.name=step"]).train)
+    with pytest.raises(ConfigError, match=r"train\.optimizer\.name"):  # the schema refuses it on load
+        load_config(None, ["train.optimizer.name=lamb"])
+    with pytest.raises(ConfigError, match=r"train\.scheduler\.name"):
+        load_config(None, ["train.scheduler.name=step"])
     with pytest.raises(ValueError, match=r"train\.monitor"):
         CXRClassifier(TinyNet(4), LABELS, load_config(None, ["train.monitor=val/auroc/Hernia"]).train)
     mixed = "train.stages=[{loss: {name: ce}}, {loss: {name: bce}}]"
@@ -465,7 +535,6 @@ def test_hardware_settings_on_cpu():
     assert run._devices("0,2") == [0, 2] and run._devices("auto") == "auto"
     frozen = load_config(None, ["train.strategy=ddp", 'train.stages=[{trainable: ["head.*"]}]']).train
     assert run._hardware_args(frozen)["strategy"] == "ddp_find_unused_parameters_true"
-    assert run._limit(1.0) == 1.0 and run._limit(0.25) == 0.25 and run._limit(3.0) == 3
 
 
 def test_only_the_first_process_prepares_the_cache(monkeypatch):

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from PIL import Image
 
@@ -175,7 +176,7 @@ def test_invalid_space_files_and_settings(tmp_path):
     with pytest.raises(SpaceError, match="not found"):
         load_space(tmp_path / "missing.yaml")
     lr = {"train.optimizer.lr": {"type": "float", "low": 0.1, "high": 1}}
-    with pytest.raises(SpaceError, match=r"study\.pruner must be one of"):
+    with pytest.raises(SpaceError, match=r"study\.pruner: .*expected one of"):
         parse_space({"params": lr, "study": {"pruner": "asha"}})
     with pytest.raises(SpaceError, match="unknown section"):
         parse_space({"params": lr, "sttudy": {}})
@@ -310,6 +311,7 @@ params:
             str(study_dir),
             "--study-name",
             "tiny",
+            "train.limit_train_batches=3",  # a search shortcut: not in the best config
         ],
         catch_exceptions=False,
     )
@@ -333,6 +335,9 @@ params:
         "the final training reuses the trials' cache"
     )
     assert best_config.output_dir != str(study_dir / "trials")
+    assert best_config.train.limit_train_batches == 1.0
+    assert "limit_train_batches: 1.0" in (study_dir / "best_config.yaml").read_text()
+    assert OmegaConf.load(study_dir / "base_config.yaml").train.limit_train_batches == 3
     other_checkpoints = [
         t
         for t in study.trials
@@ -416,10 +421,10 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
         {
             "study": {"sampler": "random", "seed": 4, "pruner": "none"},
             "params": {
-                "train.optimizer.name": {
+                "train.optimizer.momentum": {
                     "type": "categorical",
-                    "choices": ["adam", "lamb"],
-                },  # lamb: not an optimiser
+                    "choices": [0.9, 1.5],
+                },  # 1.5: refused by the config's range check
                 "train.optimizer.lr": {
                     "type": "categorical",
                     "choices": [0.01, 1.0e30],
@@ -432,13 +437,13 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     )
     states = by_state(result.study)
     errors = [t.user_attrs["error"] for t in states.get("FAIL", [])]
-    assert any("train.optimizer.name must be one of" in error for error in errors), errors
+    assert any("train.optimizer.momentum must be in [0, 1)" in error for error in errors), errors
     assert any("FloatingPointError: non-finite training loss" in error for error in errors), errors
     for trial in states["FAIL"]:
-        assert trial.params["train.optimizer.name"] == "lamb" or trial.params["train.optimizer.lr"] > 1
+        assert trial.params["train.optimizer.momentum"] == 1.5 or trial.params["train.optimizer.lr"] > 1
     assert len(states["COMPLETE"]) >= 1
     assert all(
-        t.params == {"train.optimizer.name": "adam", "train.optimizer.lr": 0.01} for t in states["COMPLETE"]
+        t.params == {"train.optimizer.momentum": 0.9, "train.optimizer.lr": 0.01} for t in states["COMPLETE"]
     )
     assert result.best_config is not None
     trials = pd.read_csv(result.report.parent / "trials.csv")
@@ -457,17 +462,17 @@ def test_median_pruning_stops_hopeless_trials_early(tmp_path):
                 "pruner_startup_trials": 1,
                 "pruner_warmup_epochs": 1,
             },
-            "params": {"train.optimizer.lr": {"type": "categorical", "choices": [0.01, 0.0]}},
+            "params": {"train.optimizer.lr": {"type": "categorical", "choices": [0.01, 1e-12]}},
         }
-    )
+    )  # lr 1e-12: a hopeless trial (a zero lr is refused by the config)
     base = synthetic_base(tmp_path, "train.max_epochs=3", "train.optimizer.name=adam")
     result = run_study(
         base, space, 5, study_dir=tmp_path / "study", runner=synthetic_runner, write_report=False
     )
     states = by_state(result.study)
-    assert states.get("PRUNED"), "some lr=0 trial should have been pruned"
+    assert states.get("PRUNED"), "some lr=1e-12 trial should have been pruned"
     for trial in states["PRUNED"]:
-        assert trial.params["train.optimizer.lr"] == 0.0
+        assert trial.params["train.optimizer.lr"] == 1e-12
         assert trial.user_attrs["epochs"] < 3 and len(trial.intermediate_values) < 3
     good = [t for t in result.study.trials if t.params["train.optimizer.lr"] == 0.01]
     assert good and all(t.state == TrialState.COMPLETE and t.user_attrs["epochs"] == 3 for t in good)
@@ -510,3 +515,21 @@ def test_trials_are_mlflow_runs_nested_under_the_study_run(tmp_path):
         assert [item.path for item in client.list_artifacts(child.info.run_id)] == ["config.yaml"]
         assert child.info.status == "FINISHED"
         assert child.info.artifact_uri.startswith((tmp_path / "study" / "mlruns").resolve().as_uri())
+
+
+def test_cli_tune_puts_the_study_where_output_dir_says(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.optimizer.lr: {type: float, low: 0.001, high: 0.1}\n")
+    runner = CliRunner()
+    args = ["tune", "-s", str(space), "-n", "2", "--workers-note"]
+    chosen = runner.invoke(cli, [*args, f"output_dir={tmp_path / 'my-study'}"])
+    assert chosen.exit_code == 0, chosen.output
+    assert f"study directory {(tmp_path / 'my-study').resolve()}" in chosen.output
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'from-file'}\n")
+    from_file = runner.invoke(cli, [*args, "-c", str(recipe)])
+    assert f"study directory {(tmp_path / 'from-file').resolve()}" in from_file.output
+    explicit = runner.invoke(cli, [*args, "-c", str(recipe), "--study-dir", str(tmp_path / "s")])
+    assert f"study directory {(tmp_path / 's').resolve()}" in explicit.output
+    default = runner.invoke(cli, args)
+    assert f"study directory {Path('runs/studies/run-tune').resolve()}" in default.output

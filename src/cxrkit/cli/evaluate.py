@@ -6,16 +6,19 @@ from pathlib import Path
 
 import click
 
-_ERRORS = (FileNotFoundError, ValueError, KeyError)
-
-
-checkpoint_option = click.option(
-    "--checkpoint",
-    type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Which checkpoint of a run (ignored for a bundle).",
+from cxrkit.cli.common import (
+    backend_option,
+    checkpoint_option,
+    data_split_option,
+    device_option,
+    out_option,
+    replicates_option,
+    split_option,
+    temperature_option,
+    threshold_options,
 )
+
+run_checkpoint_option = checkpoint_option("Which checkpoint of a run (ignored for a bundle).")
 config_option = click.option(
     "--config",
     "-c",
@@ -25,49 +28,22 @@ config_option = click.option(
     help="Config whose data section replaces the model's (e.g. another dataset); needed for a bundle "
     "without a training config in its provenance.",
 )
-split_option = click.option(
-    "--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True
-)
 
 
 @click.command("evaluate")
 @click.argument("run_dir")
 @split_option
-@checkpoint_option
-@click.option(
-    "--threshold-method",
-    type=click.Choice(["youden", "f1", "sensitivity"]),
-    default="youden",
-    show_default=True,
-    help="How operating points are chosen on the validation split.",
+@run_checkpoint_option
+@threshold_options(
+    "How operating points are chosen on the validation split.",
+    "With --threshold-method sensitivity: the sensitivity to reach on validation.",
 )
-@click.option(
-    "--target-sensitivity",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.9,
-    show_default=True,
-    help="With --threshold-method sensitivity: the sensitivity to reach on validation.",
-)
-@click.option(
-    "--replicates",
-    type=click.IntRange(min=10),
-    default=1000,
-    show_default=True,
-    help="Patient-bootstrap replicates for the intervals.",
-)
-@click.option(
-    "--temperature",
-    type=click.Choice(["none", "global", "per_label"]),
-    default="none",
-    show_default=True,
-    help="Temperature scaling fitted on validation (reported beside the raw calibration).",
-)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Report folder (default: RUN_DIR/evaluation/<split>-<checkpoint>).",
+@replicates_option
+@temperature_option("Temperature scaling fitted on validation (reported beside the raw calibration).")
+@out_option(
+    "Report folder (default: RUN_DIR/evaluation/<split>-<checkpoint>, plus -<method> for a "
+    "threshold method other than youden).",
+    kind="dir",
 )
 @config_option
 @click.option(
@@ -76,7 +52,17 @@ split_option = click.option(
     default=None,
     help="Images per forward pass (default: the run's data.loader.batch_size).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
+@device_option
+@backend_option(
+    "For a bundle: the graph to score, at its own thresholds (auto: the one `cxr predict` serves)."
+)
+@click.option(
+    "--data",
+    default=None,
+    help="External validation: a data config or a dataset folder (e.g. another site's class folders), "
+    "scored at the model's own thresholds beside its internal test set; writes only under --out.",
+)
+@data_split_option("With --data: every image, or only the external dataset's test split.")
 def evaluate(
     run_dir: str,
     split: str,
@@ -89,6 +75,9 @@ def evaluate(
     config_path: Path | None,
     batch_size: int | None,
     device: str,
+    backend: str,
+    data: str | None,
+    data_split: str,
 ) -> None:
     """Evaluate a model on a split of its data: metrics with bootstrap intervals, report, thresholds.
 
@@ -100,25 +89,40 @@ def evaluate(
     \b
     cxr evaluate runs/nih-lite0
     cxr evaluate runs/nih-lite0 --threshold-method sensitivity --target-sensitivity 0.95
+    cxr evaluate runs/pneumonia-lite0 --data ../shared/data/pneumonia/test
     """
     from cxrkit.evaluation.run import per_finding_lines, run_evaluation
 
-    try:
-        evaluation = run_evaluation(
+    if data is not None:
+        from cxrkit.evaluation.external import evaluate_external
+
+        ext = evaluate_external(
             run_dir,
-            split,
+            data,
+            scope=data_split,
             checkpoint=checkpoint,
-            threshold_method=threshold_method,
-            target_sensitivity=target_sensitivity,
-            n_replicates=replicates,
-            temperature=temperature,
             out=out,
-            config=config_path,
+            n_replicates=replicates,
             batch_size=batch_size,
             device=device,
         )
-    except _ERRORS as error:
-        raise click.ClickException(_message(error)) from error
+        click.echo("\n".join([*ext.summary_lines(), f"report: {ext.paths['html']}"]))
+        return
+
+    evaluation = run_evaluation(
+        run_dir,
+        split,
+        checkpoint=checkpoint,
+        threshold_method=threshold_method,
+        target_sensitivity=target_sensitivity,
+        n_replicates=replicates,
+        temperature=temperature,
+        out=out,
+        config=config_path,
+        batch_size=batch_size,
+        device=device,
+        backend=backend,
+    )
     result = evaluation.result
     click.echo("")
     click.echo("\n".join(per_finding_lines(result)))
@@ -134,15 +138,9 @@ def evaluate(
 @click.argument("run_a", type=click.Path(exists=True, path_type=Path))
 @click.argument("run_b", type=click.Path(exists=True, path_type=Path))
 @split_option
-@checkpoint_option
-@click.option("--replicates", type=click.IntRange(min=10), default=1000, show_default=True)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Write comparison.csv, comparison.json and report.html here.",
-)
+@run_checkpoint_option
+@replicates_option
+@out_option("Write comparison.csv, comparison.json and report.html here.", kind="dir")
 def compare(run_a: Path, run_b: Path, split: str, checkpoint: str, replicates: int, out: Path | None) -> None:
     """Compare two evaluated models on the same images: paired patient bootstrap of AUROC (B minus A).
 
@@ -151,12 +149,9 @@ def compare(run_a: Path, run_b: Path, split: str, checkpoint: str, replicates: i
     """
     from cxrkit.evaluation.run import compare_saved, comparison_display
 
-    try:
-        result, paths = compare_saved(
-            run_a, run_b, split=split, checkpoint=checkpoint, n_replicates=replicates, out=out
-        )
-    except _ERRORS as error:
-        raise click.ClickException(_message(error)) from error
+    result, paths = compare_saved(
+        run_a, run_b, split=split, checkpoint=checkpoint, n_replicates=replicates, out=out
+    )
     click.echo(comparison_display(result).to_string(index=False))
     click.echo(result.summary())
     if paths:
@@ -167,7 +162,7 @@ def compare(run_a: Path, run_b: Path, split: str, checkpoint: str, replicates: i
 @click.argument("run_dir")
 @click.argument("images", nargs=-1)
 @split_option
-@checkpoint_option
+@run_checkpoint_option
 @click.option(
     "--method",
     default="gradcam",
@@ -200,16 +195,10 @@ def compare(run_a: Path, run_b: Path, split: str, checkpoint: str, replicates: i
     help="NIH BBox_List_2017.csv to score localisation (default: one next to the NIH data).",
 )
 @click.option("--no-boxes", is_flag=True, help="Do not look for ground-truth boxes.")
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output folder (default: RUN_DIR/explain/<split or images>-<method>).",
-)
+@out_option("Output folder (default: RUN_DIR/explain/<split or images>-<method>).", kind="dir")
 @config_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
+@device_option
 def explain(
     run_dir: str,
     images: tuple[str, ...],
@@ -248,25 +237,22 @@ def explain(
         method_name(method)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--method") from error
-    try:
-        explanation = run_explanation(
-            run_dir,
-            images,
-            split=split,
-            checkpoint=checkpoint,
-            method=method,
-            findings=findings.split(",") if findings else None,
-            top_k=top_k,
-            target_layer=target_layer,
-            limit=limit,
-            boxes=None if no_boxes else boxes or "auto",
-            out=out,
-            config=config_path,
-            batch_size=batch_size,
-            device=device,
-        )
-    except _ERRORS as error:
-        raise click.ClickException(_message(error)) from error
+    explanation = run_explanation(
+        run_dir,
+        images,
+        split=split,
+        checkpoint=checkpoint,
+        method=method,
+        findings=findings.split(",") if findings else None,
+        top_k=top_k,
+        target_layer=target_layer,
+        limit=limit,
+        boxes=None if no_boxes else boxes or "auto",
+        out=out,
+        config=config_path,
+        batch_size=batch_size,
+        device=device,
+    )
     gallery = explanation.gallery
     click.echo(
         f"{gallery.records['image'].nunique() if len(gallery.records) else 0} images, "
@@ -278,10 +264,4 @@ def explain(
         click.echo(f"localisation against {explanation.box_file}:")
         click.echo(gallery.localization.table("IoBB").to_string(float_format="{:.3f}".format))
         click.echo(gallery.localization.pointing.to_string(index=False))
-    elif explanation.box_file is not None:
-        click.echo(f"no explained image has a box in {explanation.box_file}")
     click.echo(f"gallery: {explanation.report}")
-
-
-def _message(error: Exception) -> str:
-    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)

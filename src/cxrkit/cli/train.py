@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
 
-from cxrkit.cli.common import resolve_config, with_config
+from cxrkit.cli.common import checkpoint_option, resolve_config, with_config
 
 
 @click.command("train")
@@ -34,11 +33,7 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: Path | No
             "drop --config and the KEY=VALUE overrides"
         )
     config = None if resume is not None else resolve_config(config_path, overrides)
-    _log_lightning_once()
-    try:
-        run_dir = run.train(config, resume=resume)
-    except (FileExistsError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+    run_dir = run.train(config, resume=resume)
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
@@ -47,32 +42,14 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: Path | No
 
 @click.command("test")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--ckpt",
-    "checkpoint",
-    type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Which checkpoint of the run to evaluate.",
-)
+@checkpoint_option("Which checkpoint of the run to evaluate.")
 def test(run_dir: Path, checkpoint: str) -> None:
-    """Evaluate a run's checkpoint on the test split; writes RUN_DIR/test_metrics_<ckpt>.json."""
+    """Evaluate a run's checkpoint on the test split; writes RUN_DIR/test_metrics_<checkpoint>.json.
+
+    For the full report with confidence intervals and operating points use `cxr evaluate`."""
     from cxrkit.training import run
 
-    _log_lightning_once()
-    try:
-        out = run.test(run_dir, checkpoint)
-    except FileNotFoundError as error:
-        raise click.ClickException(str(error)) from error
+    out = run.test(run_dir, checkpoint)
     metrics = json.loads(out.read_text())["metrics"]
     click.echo(f"test AUROC (mean over findings): {metrics.get('test/auroc_mean', float('nan')):.4f}")
     click.echo(f"metrics written to {out}")
-
-
-def _log_lightning_once() -> None:
-    """Lightning attaches its own console handler when imported before logging is configured; keep its
-    records from also reaching the root handler (each message printed twice)."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        if logger.handlers:
-            logger.propagate = False

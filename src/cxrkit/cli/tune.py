@@ -6,11 +6,9 @@ import shlex
 from pathlib import Path
 
 import click
-import optuna
 from omegaconf import OmegaConf
 
 from cxrkit.cli.common import config_option, overrides_argument
-from cxrkit.tuning.space import SpaceError, load_space
 
 STUDY_PREFIX = "study."
 
@@ -43,7 +41,8 @@ STUDY_PREFIX = "study."
     "--study-dir",
     default=None,
     type=click.Path(file_okay=False),
-    help="Where trials, best_config.yaml and the report go (default: runs/studies/<study name>).",
+    help="Where trials, best_config.yaml, the report and the MLflow store go (default: the config's "
+    "output_dir when the config file or an override sets it, else runs/studies/<study name>).",
 )
 @click.option(
     "--timeout",
@@ -74,9 +73,12 @@ def tune(
     study.KEY=VALUE overrides change the space file's study settings (e.g. study.pruner=hyperband).
     Re-running the same command continues an interrupted study; several workers started with the same
     --study-name and --storage share the study. Train the result with
-    `cxr train -c <study dir>/best_config.yaml`.
+    `cxr train -c <study dir>/best_config.yaml` (it has the searched values, without shortcuts such as
+    train.limit_train_batches that only made the trials short).
     """
-    from cxrkit.cli.train import _log_lightning_once
+    import optuna
+
+    from cxrkit.tuning.space import SpaceError, load_space
     from cxrkit.tuning.study import (
         default_storage_url,
         default_study_dir,
@@ -88,21 +90,22 @@ def tune(
 
     config_overrides = tuple(item for item in overrides if not item.startswith(STUDY_PREFIX))
     settings = _study_overrides([item for item in overrides if item.startswith(STUDY_PREFIX)])
-    try:
-        config = load_base_config(config_path, config_overrides)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
+    config = load_base_config(config_path, config_overrides)
     try:
         space = load_space(space_path, settings)
     except SpaceError as error:
         raise click.UsageError(str(error)) from error
     name = study_name or default_study_name(config)
-    directory = Path(study_dir) if study_dir else default_study_dir(config, name)
+    if study_dir:
+        directory = Path(study_dir)
+    elif _sets_output_dir(config_path, config_overrides):
+        directory = Path(config.output_dir)
+    else:
+        directory = default_study_dir(config, name)
     if workers_note:
         url = storage or default_storage_url(directory)
         click.echo(_workers_note(name, url, directory, trials, config_path, space_path, overrides))
         return
-    _log_lightning_once()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged by cxrkit, once each
     try:
         result = run_study(
@@ -113,6 +116,13 @@ def tune(
     except KeyboardInterrupt as stop:
         raise click.ClickException("interrupted; re-run the same command to continue the study") from stop
     click.echo(describe(result))
+
+
+def _sets_output_dir(config_path: str | None, overrides: tuple[str, ...]) -> bool:
+    """Whether the config file or an override names ``output_dir`` (then it is the study directory)."""
+    if any(item.partition("=")[0].strip() == "output_dir" for item in overrides):
+        return True
+    return config_path is not None and "output_dir" in (OmegaConf.load(config_path) or {})
 
 
 def _study_overrides(items: list[str]) -> dict[str, object]:

@@ -4,8 +4,12 @@
 (only when enabled: chest films have a laterality) a horizontal flip, composes them into ONE affine
 matrix and resamples the batch once (bilinear, zero padding outside the image, like the letterboxed cache)
 to ``crop_size x crop_size`` — ``F.grid_sample`` on accelerators, OpenCV's ``warpAffine`` with the same
-matrices on the CPU (faster there); then brightness and contrast jitter. Images are float ``[B, 1, S, S]`` in
-[0, 1] (uint8 is accepted and scaled in the same pass) and come out float in [0, 1].
+matrices on the CPU (faster there). Then, on both paths with the same torch code, acquisition-style jitter
+(each off by default): resolution loss (down- then up-sampling by ``downscale_range``), blur or sharpening
+(an unsharp mask of amount in ``[-sharpness, sharpness]``; -1 is a Gaussian blur of ``blur_sigma`` pixels),
+a gamma curve (``gamma_range``, drawn log-uniformly), brightness and contrast jitter, and additive Gaussian
+noise (standard deviation up to ``noise_std``). Images are float ``[B, 1, S, S]`` in [0, 1] (uint8 is
+accepted and scaled in the same pass) and come out float in [0, 1].
 :func:`eval_transform` is the deterministic counterpart for validation/test.
 
 Geometry conventions (normalised coordinates, x right, y down, image spanning [-1, 1]):
@@ -43,6 +47,11 @@ class AugmentParams:
     flip: torch.Tensor
     brightness: torch.Tensor
     contrast: torch.Tensor
+    downscale: torch.Tensor | None = None
+    sharpen: torch.Tensor | None = None
+    gamma: torch.Tensor | None = None
+    noise_std: torch.Tensor | None = None
+    noise_seed: int = 0
 
 
 class BatchAugment(nn.Module):
@@ -62,6 +71,13 @@ class BatchAugment(nn.Module):
         self.brightness = _fraction(cfg.brightness, "brightness")
         self.contrast = _fraction(cfg.contrast, "contrast")
         self.horizontal_flip = bool(cfg.horizontal_flip)
+        self.downscale_range = _range(cfg.downscale_range, "downscale_range", minimum=0.05, maximum=1.0)
+        self.sharpness = _fraction(cfg.sharpness, "sharpness")
+        self.blur_sigma = float(cfg.blur_sigma)
+        if self.blur_sigma <= 0:
+            raise ValueError(f"augment.blur_sigma must be > 0 pixels, got {self.blur_sigma}")
+        self.gamma_range = _range(cfg.gamma_range, "gamma_range", minimum=0.1, maximum=10.0)
+        self.noise_std = _fraction(cfg.noise_std, "noise_std")
         self.generator: torch.Generator | None = None
         if seed is not None:
             self.reseed(seed)
@@ -82,7 +98,7 @@ class BatchAugment(nn.Module):
         flip = torch.rand(batch_size, generator=gen) < 0.5
         if not self.horizontal_flip:
             flip.zero_()
-        return AugmentParams(
+        params = AugmentParams(
             angle_degrees=uniform(-self.rotation_degrees, self.rotation_degrees),
             scale=uniform(*self.scale_range),
             translate=uniform(-self.translate_fraction, self.translate_fraction, 2) * 2.0,
@@ -92,6 +108,18 @@ class BatchAugment(nn.Module):
             brightness=uniform(1.0 - self.brightness, 1.0 + self.brightness),
             contrast=uniform(1.0 - self.contrast, 1.0 + self.contrast),
         )
+        # acquisition jitter is drawn only when enabled, so configs without it keep their random streams
+        if self.downscale_range != (1.0, 1.0):
+            params.downscale = uniform(*self.downscale_range)
+        if self.sharpness > 0:
+            params.sharpen = uniform(-self.sharpness, self.sharpness)
+        if self.gamma_range != (1.0, 1.0):
+            low, high = (math.log(value) for value in self.gamma_range)
+            params.gamma = uniform(low, high).exp()
+        if self.noise_std > 0:
+            params.noise_std = uniform(0.0, self.noise_std)
+            params.noise_seed = int(torch.randint(2**62, (1,), generator=gen))
+        return params
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment a float [0, 1] (or uint8, scaled by 1/255 in the same pass) batch to float [0, 1]."""
@@ -103,13 +131,113 @@ class BatchAugment(nn.Module):
         _check_batch(images, allow_uint8=True)
         unit = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
         if images.device.type == "cpu" and images.shape[1] == 1:
-            out = warp_cpu(images, affine_matrices(params), self.crop_size)
+            out = degrade_cpu(
+                warp_cpu(images, affine_matrices(params), self.crop_size), params, self.blur_sigma
+            )
         else:
             images = images if images.is_floating_point() else images.float()
             theta = affine_matrices(params).to(device=images.device, dtype=images.dtype, non_blocking=True)
             grid = affine_grid(theta, self.crop_size)
             out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return _intensity(out, params.brightness.to(out) * unit, params.contrast.to(out))
+            out = degrade(out, params, self.blur_sigma)
+        if params.gamma is not None:
+            out = out.mul_(unit).clamp_(min=0.0).pow_(params.gamma.to(out).view(-1, 1, 1, 1))
+            unit = 1.0
+        out = _intensity(out, params.brightness.to(out) * unit, params.contrast.to(out))
+        return add_noise(out, params)
+
+
+def degrade(images: torch.Tensor, params: AugmentParams, blur_sigma: float) -> torch.Tensor:
+    """Resolution loss then blur/sharpening of a batch on any device (each skipped when not drawn).
+
+    Resolution loss low-passes an image (Gaussian of ``(1/downscale - 1) / 2`` pixels), resamples it to
+    ``downscale`` of its side and back (bilinear): lost detail, as from a lower-resolution detector or a
+    smaller stored copy. Sharpening is the unsharp mask ``x + a (x - blur(x))``: ``a = -1`` is a Gaussian
+    blur of ``blur_sigma`` pixels. Borders are reflected. Linear in the values, so 0-1 and 0-255 alike.
+    """
+    size = images.shape[-1]
+    if params.downscale is not None:
+        images = images.clone()
+        for index, (side, sigma) in enumerate(_reductions(params.downscale, size)):
+            if side < size:
+                reduced = F.interpolate(
+                    gaussian_blur(images[index : index + 1], sigma),
+                    size=(side, side),
+                    mode="bilinear",
+                    align_corners=False,
+                )
+                images[index : index + 1] = F.interpolate(
+                    reduced, size=(size, size), mode="bilinear", align_corners=False
+                )
+    if params.sharpen is not None:
+        amount = params.sharpen.to(images).view(-1, 1, 1, 1)
+        images = torch.addcmul(images, images - gaussian_blur(images, blur_sigma), amount)
+    return images
+
+
+def degrade_cpu(images: torch.Tensor, params: AugmentParams, blur_sigma: float) -> torch.Tensor:
+    """:func:`degrade` for a CPU float batch ``[B, 1, S, S]``, with OpenCV per image, in place."""
+    if params.downscale is None and params.sharpen is None:
+        return images
+    size = images.shape[-1]
+    reductions = (
+        _reductions(params.downscale, size) if params.downscale is not None else [(size, 0.0)] * len(images)
+    )
+    amounts = params.sharpen.tolist() if params.sharpen is not None else [0.0] * len(images)
+    for image, (side, sigma), amount in zip(images[:, 0].numpy(), reductions, amounts, strict=True):
+        if side < size:
+            reduced = cv2.resize(_blur_cpu(image, sigma), (side, side), interpolation=cv2.INTER_LINEAR)
+            image[...] = cv2.resize(reduced, (size, size), interpolation=cv2.INTER_LINEAR)
+        if amount:
+            cv2.addWeighted(image, 1.0 + amount, _blur_cpu(image, blur_sigma), -amount, 0.0, dst=image)
+    return images
+
+
+def _blur_cpu(image: np.ndarray, sigma: float) -> np.ndarray:
+    """:func:`gaussian_blur` of one float32 image with OpenCV (same kernel and borders)."""
+    side = 2 * _blur_radius(sigma, image.shape[-1]) + 1
+    return cv2.GaussianBlur(image, (side, side), sigma, borderType=cv2.BORDER_REFLECT_101)
+
+
+def _reductions(factors: torch.Tensor, size: int) -> list[tuple[int, float]]:
+    """Per image: the reduced side and the anti-aliasing blur (pixels) before resampling to it."""
+    sides = [max(2, min(size, round(size * factor))) for factor in factors.tolist()]
+    return [(side, max(0.25, (size / side - 1.0) / 2.0)) for side in sides]
+
+
+def _reduced_sides(factors: torch.Tensor, size: int) -> list[int]:
+    return [max(2, min(size, round(size * factor))) for factor in factors.tolist()]
+
+
+def _blur_radius(sigma: float, size: int) -> int:
+    radius = max(1, math.ceil(3.0 * sigma))
+    if radius >= size:
+        raise ValueError(f"augment.blur_sigma {sigma} is too large for {size}-pixel images")
+    return radius
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with a ``ceil(3 sigma)``-pixel radius (reflected borders), per channel."""
+    radius = _blur_radius(sigma, images.shape[-1])
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    channels = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+
+
+def add_noise(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+    """Additive Gaussian noise of per-sample standard deviation ``noise_std`` (drawn on the CPU from
+    ``noise_seed``, so every device gets the same noise; shared by the channels), clamped to [0, 1]."""
+    if params.noise_std is None:
+        return images
+    generator = torch.Generator().manual_seed(params.noise_seed)
+    shape = (images.shape[0], 1, *images.shape[2:])  # one detector: the same noise in every channel
+    noise = torch.randn(shape, generator=generator).to(images.device, images.dtype, non_blocking=True)
+    noise.mul_(params.noise_std.to(images).view(-1, 1, 1, 1))
+    return images.add_(noise).clamp_(0.0, 1.0)
 
 
 def affine_matrices(params: AugmentParams) -> torch.Tensor:

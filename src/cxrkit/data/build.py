@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -13,6 +14,7 @@ from cxrkit.data.cache import CacheReport, prepare_cache
 from cxrkit.data.config import SourceConfig
 from cxrkit.data.manifest import VIEWS, Manifest, apply_no_finding_policy
 from cxrkit.data.merge import merge
+from cxrkit.data.run_manifest import has_run_manifest, load_run_manifest
 from cxrkit.data.splits import assign_splits, describe
 
 log = logging.getLogger(__name__)
@@ -21,13 +23,48 @@ log = logging.getLogger(__name__)
 def build_manifest(data_cfg) -> Manifest:
     """Load every source, merge, select labels and views, apply the No Finding policy, split, subsample.
 
-    Steps, in order: each ``data_cfg.sources`` entry through its adapter; :func:`~cxrkit.data.merge.merge`
-    over ``data_cfg.labels`` (canonical names; default all labels of the sources); keep ``data_cfg.views``
-    (e.g. ``[PA, AP]``; default all); :func:`~cxrkit.data.manifest.apply_no_finding_policy`; drop images with
-    no known label left; :func:`~cxrkit.data.splits.assign_splits` with ``data_cfg.split``; and, when
-    ``data_cfg.no_finding_ratio`` is set, subsample No Finding images of the train split so they make up
-    that fraction of it (seeded with ``data_cfg.split.seed``; val and test are never subsampled).
+    Steps, in order: :func:`load_manifest`; :func:`~cxrkit.data.splits.assign_splits` with
+    ``data_cfg.split``; and, when ``data_cfg.no_finding_ratio`` is set, subsample No Finding images of the
+    train split so they make up that fraction of it (seeded with ``data_cfg.split.seed``; val and test are
+    never subsampled).
     """
+    manifest, no_finding_mask = _load(data_cfg)
+    manifest = assign_splits(manifest, data_cfg.split)
+    if data_cfg.no_finding_ratio is not None:
+        manifest = subsample_no_finding(
+            manifest, data_cfg.no_finding_ratio, data_cfg.split.seed, no_finding_mask
+        )
+    log.info(summary(manifest))
+    return manifest
+
+
+def load_manifest(data_cfg) -> Manifest:
+    """The images of ``data_cfg`` before splitting: each ``data_cfg.sources`` entry through its adapter;
+    :func:`~cxrkit.data.merge.merge` over ``data_cfg.labels`` (canonical names; default all labels of the
+    sources); keep ``data_cfg.views`` (e.g. ``[PA, AP]``; default all);
+    :func:`~cxrkit.data.manifest.apply_no_finding_policy`; drop images with no known label left. The
+    ``split`` column holds the datasets' official splits."""
+    return _load(data_cfg)[0]
+
+
+def build_run_manifest(data_cfg, run_dir: str | Path) -> Manifest:
+    """The images of ``data_cfg`` in the splits the run in ``run_dir`` trained on (see
+    :mod:`cxrkit.data.run_manifest`); a run that stores no manifest gets :func:`build_manifest`, with a
+    warning that its splits are rebuilt from the files on disk."""
+    if not has_run_manifest(run_dir):
+        log.warning(
+            "%s stores no data manifest (trained before cxrkit stored one): its splits are rebuilt from the "
+            "files on disk and hold only if the data has not changed since",
+            run_dir,
+        )
+        return build_manifest(data_cfg)
+    manifest = load_run_manifest(run_dir, load_manifest(data_cfg))
+    log.info("%s (the splits of %s)", summary(manifest), run_dir)
+    return manifest
+
+
+def _load(data_cfg) -> tuple[Manifest, np.ndarray]:
+    """:func:`load_manifest` and, aligned with it, which images have no finding."""
     sources = [_source(source) for source in data_cfg.sources]
     if not sources:
         raise ValueError("data.sources is empty: add at least one dataset (adapter and root)")
@@ -40,14 +77,7 @@ def build_manifest(data_cfg) -> Manifest:
     manifest = filter_views(manifest, list(data_cfg.views))
     no_finding_mask = _no_finding(manifest)
     manifest = apply_no_finding_policy(manifest, data_cfg.no_finding)
-    manifest, no_finding_mask = _drop_unlabelled(manifest, no_finding_mask)
-    manifest = assign_splits(manifest, data_cfg.split)
-    if data_cfg.no_finding_ratio is not None:
-        manifest = subsample_no_finding(
-            manifest, data_cfg.no_finding_ratio, data_cfg.split.seed, no_finding_mask
-        )
-    log.info(summary(manifest))
-    return manifest
+    return _drop_unlabelled(manifest, no_finding_mask)
 
 
 def filter_views(manifest: Manifest, views: list[str]) -> Manifest:
@@ -152,15 +182,18 @@ def _drop_unlabelled(manifest: Manifest, no_finding: np.ndarray) -> tuple[Manife
     return manifest.subset(labelled), no_finding[labelled]
 
 
-def prepare_data(data_cfg, shard: tuple[int, int] | None = None) -> CacheReport:
-    """Build the manifest of ``data_cfg`` and its preprocessing cache in ``data_cfg.cache.dir``.
+def prepare_data(
+    data_cfg, shard: tuple[int, int] | None = None, manifest: Manifest | None = None
+) -> CacheReport:
+    """Build the preprocessing cache of ``manifest`` (default: :func:`build_manifest` of ``data_cfg``) in
+    ``data_cfg.cache.dir``.
 
     Re-running does no finished work (see :func:`cxrkit.data.cache.prepare_cache`); ``shard=(i, n)`` builds
     one part of a cluster job.
     """
     cache = data_cfg.cache
     return prepare_cache(
-        build_manifest(data_cfg),
+        build_manifest(data_cfg) if manifest is None else manifest,
         cache.dir,
         image_size=int(cache.image_size),
         resize_policy=str(cache.resize_policy),

@@ -16,7 +16,14 @@ paths, sizes and modification times of its files, so a re-run skips finished sha
 whose files changed. ``shard=(i, n)`` builds the shards with ``k % n == i`` (one cluster array task each);
 :func:`merge_cache` then checks every shard is present and writes manifest.csv, failures.csv and meta.json.
 
-Resize policies (``S`` = image_size; see :class:`Geometry` for mapping coordinates):
+Safe to share: other processes (tuning trials, DDP ranks) may read a cache while ``prepare`` runs on it. A
+complete, unchanged cache is never rewritten (a re-run only reads it); every file is written to a temporary
+file in its own folder, flushed to disk and renamed over the old one, so a reader sees the old file or the
+new one, never part of one. When shards must be rebuilt, meta.json (the mark of a complete cache) is removed
+first and written last. An interrupted build (Ctrl-C, SIGTERM, a killed process) leaves only finished shards
+and resumes from them.
+
+Resize policies (``S`` = image_size; see :class:`cxrkit.data.transforms.Geometry` for mapping coordinates):
 
 * ``letterbox``: the longer side becomes S, aspect kept, zero padding centres the image on an S x S canvas.
 * ``crop``: the shorter side becomes S, aspect kept, the centre S x S is kept.
@@ -33,6 +40,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,27 +52,21 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pandas as pd
-from PIL import Image
 from tqdm.auto import tqdm
 
 import cxrkit
 from cxrkit.data.decode import ImageDecodeError, read_image
 from cxrkit.data.manifest import Manifest
+from cxrkit.data.transforms import GEOMETRY_COLUMNS, RESIZE_POLICIES, Geometry
+from cxrkit.files import fsync_directory, write_atomic
 
-RESIZE_POLICIES: tuple[str, ...] = ("letterbox", "crop", "stretch")
-GEOMETRY_COLUMNS: tuple[str, ...] = (
-    "orig_height",
-    "orig_width",
-    "resized_height",
-    "resized_width",
-    "scale_x",
-    "scale_y",
-    "shift_x",
-    "shift_y",
-)
 _FORMAT_VERSION = 1
 _IMAP_CHUNKSIZE = 4
+_START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 _SHARD_FILE = re.compile(r"shard_(?P<index>\d{5})\.(npy|json)")
+_TEMP_FILE = re.compile(r"\..+\.tmp-(?P<pid>\d+)")
+#: meta.json keys that do not describe the cache's content (a re-merge that differs only there is a no-op).
+_VOLATILE_META = ("created", "cxrkit_version")
 
 
 class CacheMismatchError(ValueError):
@@ -71,111 +75,6 @@ class CacheMismatchError(ValueError):
 
 class CacheIncompleteError(RuntimeError):
     """The cache is missing shards or its final files (merge not done)."""
-
-
-# ---------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where an original image sits in its S x S cache image.
-
-    Coordinates are continuous pixel coordinates (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``), as NIH
-    bounding boxes are. A point maps as ``x_cache = x * scale_x + shift_x`` (``y`` likewise): the image is
-    resized to ``resized_width x resized_height`` and its top-left corner placed at ``(shift_x, shift_y)``
-    (positive: zero padding; negative: cropped margin).
-    """
-
-    orig_height: int
-    orig_width: int
-    size: int
-    resized_height: int
-    resized_width: int
-    shift_x: int
-    shift_y: int
-
-    @classmethod
-    def fit(cls, height: int, width: int, size: int, policy: str) -> Geometry:
-        """The geometry of resizing a ``height x width`` image to ``size`` under ``policy``."""
-        if policy == "stretch":
-            return cls(height, width, size, size, size, 0, 0)
-        if policy == "letterbox":
-            factor = size / max(height, width)
-            resized_h, resized_w = max(1, round(height * factor)), max(1, round(width * factor))
-        elif policy == "crop":
-            factor = size / min(height, width)
-            resized_h, resized_w = max(size, round(height * factor)), max(size, round(width * factor))
-        else:
-            raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {policy!r}")
-        return cls(
-            height, width, size, resized_h, resized_w, (size - resized_w) // 2, (size - resized_h) // 2
-        )
-
-    @classmethod
-    def from_row(cls, row: pd.Series | dict, size: int) -> Geometry:
-        """The geometry stored in a cache manifest row (see :data:`GEOMETRY_COLUMNS`)."""
-        return cls(
-            orig_height=int(row["orig_height"]),
-            orig_width=int(row["orig_width"]),
-            size=size,
-            resized_height=int(row["resized_height"]),
-            resized_width=int(row["resized_width"]),
-            shift_x=int(row["shift_x"]),
-            shift_y=int(row["shift_y"]),
-        )
-
-    @property
-    def scale_x(self) -> float:
-        return self.resized_width / self.orig_width
-
-    @property
-    def scale_y(self) -> float:
-        return self.resized_height / self.orig_height
-
-    def columns(self) -> dict[str, float]:
-        """The values of :data:`GEOMETRY_COLUMNS` for this image, in that order."""
-        return {name: getattr(self, name) for name in GEOMETRY_COLUMNS}
-
-    def to_cache_point(self, x: float, y: float) -> tuple[float, float]:
-        return x * self.scale_x + self.shift_x, y * self.scale_y + self.shift_y
-
-    def to_original_point(self, x: float, y: float) -> tuple[float, float]:
-        return (x - self.shift_x) / self.scale_x, (y - self.shift_y) / self.scale_y
-
-    def to_cache_box(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
-        """Map a box ``(x, y, w, h)`` (top-left corner, width, height) from original to cache pixels."""
-        cx, cy = self.to_cache_point(x, y)
-        return cx, cy, w * self.scale_x, h * self.scale_y
-
-    def to_original_box(self, x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
-        """Inverse of :meth:`to_cache_box`; parts outside a cropped image map outside the original."""
-        ox, oy = self.to_original_point(x, y)
-        return ox, oy, w / self.scale_x, h / self.scale_y
-
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """Resize and pad/crop a uint8 ``(orig_height, orig_width)`` image to ``(size, size)``."""
-        if image.shape != (self.orig_height, self.orig_width):
-            raise ValueError(
-                f"image shape {image.shape} does not match geometry {self.orig_height}x{self.orig_width}"
-            )
-        resized = image
-        if (self.resized_height, self.resized_width) != image.shape:
-            target = (self.resized_width, self.resized_height)
-            resized = np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BILINEAR))
-        canvas = np.zeros((self.size, self.size), dtype=np.uint8)
-        src_x, dst_x, width = _overlap(self.shift_x, self.resized_width, self.size)
-        src_y, dst_y, height = _overlap(self.shift_y, self.resized_height, self.size)
-        canvas[dst_y : dst_y + height, dst_x : dst_x + width] = resized[
-            src_y : src_y + height, src_x : src_x + width
-        ]
-        return canvas
-
-
-def _overlap(shift: int, length: int, size: int) -> tuple[int, int, int]:
-    """Source start, destination start and length of a 1-D segment placed at ``shift`` on ``[0, size)``."""
-    src = max(0, -shift)
-    dst = max(0, shift)
-    return src, dst, min(length - src, size - dst)
 
 
 # ---------------------------------------------------------------- report
@@ -263,6 +162,8 @@ def prepare_cache(
     ]
     hashes = {plan.index: _input_hash(paths[plan.start : plan.stop], plan) for plan in plans}
     pending = [plan for plan in plans if not _shard_is_current(out_dir, plan, hashes[plan.index])]
+    if pending:
+        _mark_incomplete(out_dir)
     _build_shards(out_dir, paths, pending, hashes, settings, _worker_count(workers), progress)
 
     report = CacheReport(out_dir=out_dir)
@@ -303,7 +204,7 @@ def _claim_settings(out_dir: Path, settings: _Settings) -> None:
                 f"{_describe(settings.as_dict())}; use another directory or delete {out_dir}"
             )
         return
-    _write_atomic(path, json.dumps({"format": _FORMAT_VERSION, **settings.as_dict()}, indent=2).encode())
+    write_atomic(path, json.dumps({"format": _FORMAT_VERSION, **settings.as_dict()}, indent=2).encode())
 
 
 def _describe(settings: dict) -> str:
@@ -317,12 +218,20 @@ def _write_source_manifest(out_dir: Path, manifest: Manifest) -> None:
     labels_bytes = json.dumps(manifest.labels).encode()
     if _has_bytes(target, csv_bytes) and _has_bytes(labels_path, labels_bytes):
         return
-    _write_atomic(labels_path, labels_bytes)
-    _write_atomic(target, csv_bytes)
+    write_atomic(labels_path, labels_bytes)
+    write_atomic(target, csv_bytes)
 
 
 def _has_bytes(path: Path, data: bytes) -> bool:
     return path.exists() and path.read_bytes() == data
+
+
+def _mark_incomplete(out_dir: Path) -> None:
+    """Remove meta.json (the mark of a complete cache) before any shard of it changes."""
+    meta_path = out_dir / "meta.json"
+    if meta_path.exists():
+        meta_path.unlink(missing_ok=True)
+        fsync_directory(out_dir)
 
 
 def _plan_shards(n_rows: int, shard_size: int) -> list[_ShardPlan]:
@@ -403,6 +312,7 @@ def _build_shards(
     )
     total = sum(plan.stop - plan.start for plan in pending)
     with (
+        _sigterm_as_interrupt(),
         _parallel_map(workers) as imap,
         tqdm(total=total, unit="img", desc="cache", disable=not progress) as bar,
     ):
@@ -416,20 +326,60 @@ def _build_shards(
 
 
 @contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt (as Ctrl-C does) so that the build stops cleanly.
+
+    Only where SIGTERM still has its default action (a caller's own handler is kept) and in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
 def _parallel_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
     """An ordered, lazy map: the built-in one for one worker, else a process pool's chunked imap.
 
-    Workers are forked where the platform can (no ``if __name__ == "__main__"`` guard needed in scripts).
+    Workers come from a fork server where the platform has one (else spawn): a clean single-threaded
+    process that imports this module once, so a worker never inherits a lock that one of this process's
+    threads (Lightning, MLflow, Optuna, tqdm) held at fork time — the hang a plain fork pool showed. As for
+    every non-fork start method, a script that calls :func:`prepare_cache` at import time needs an
+    ``if __name__ == "__main__":`` guard. Workers ignore Ctrl-C (the terminal sends SIGINT to the whole
+    process group): this process alone stops the pool, which it terminates on any exception.
     """
     if workers <= 1:
         yield map
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    # Load Pillow's format plugins here, once: a forked child that imports them itself can deadlock on an
-    # import lock some other thread of this process held at fork time.
-    Image.init()
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    context = multiprocessing.get_context(_START_METHOD)
+    if _START_METHOD == "forkserver":
+        context.set_forkserver_preload([__name__])
+    with context.Pool(workers, initializer=_init_worker) as pool:
         yield lambda function, items: pool.imap(function, items, chunksize=_IMAP_CHUNKSIZE)
+
+
+def _init_worker() -> None:
+    """Pool worker signals: ignore SIGINT; exit quietly on SIGTERM (``Pool.terminate`` sends it).
+
+    Exiting through an exception (not the default action) releases the pool's queue locks a worker may hold
+    while it waits for a task; a worker killed while holding one would hang ``Pool.terminate`` forever.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_worker)
+
+
+def _exit_worker(signum: int, _frame: object) -> None:
+    sys.exit(128 + signum)
 
 
 def _process_row(task: tuple[int, str, int, str]) -> tuple[int, str, np.ndarray | None, Geometry | None, str]:
@@ -464,9 +414,6 @@ class _ShardWriter:
     def commit(self, out_dir: Path, input_hash: str, settings: _Settings) -> None:
         array_path, record_path = _shard_paths(out_dir, self.plan.index)
         record_path.unlink(missing_ok=True)  # the record marks a finished shard: drop it before the array
-        tmp = array_path.with_name(f"{array_path.stem}.tmp-{os.getpid()}.npy")
-        np.save(tmp, self.buffer[: len(self.rows)])
-        os.replace(tmp, array_path)
         record = {
             "index": self.plan.index,
             "start": self.plan.start,
@@ -477,13 +424,13 @@ class _ShardWriter:
             "rows": self.rows,
             "failures": self.failures,
         }
-        _write_atomic(record_path, json.dumps(record).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+        try:
+            write_atomic(array_path, lambda file: np.save(file, self.buffer[: len(self.rows)]))
+            write_atomic(record_path, json.dumps(record).encode())
+        except BaseException:  # interrupted between the two: no array without its record
+            if not record_path.exists():
+                array_path.unlink(missing_ok=True)
+            raise
 
 
 # ---------------------------------------------------------------- merge
@@ -509,28 +456,49 @@ def merge_cache(out_dir: str | os.PathLike) -> Path:
             f"(indices {_abbreviate(missing)}); run prepare_cache for them "
             "(shard=(i, n) builds indices k % n == i)"
         )
-    (out_dir / "meta.json").unlink(missing_ok=True)  # meta.json marks a complete cache: drop it while merging
     records = [_read_record(out_dir, plan.index) for plan in plans]
     _check_records(out_dir, records, plans, source)
-    _remove_stale_files(out_dir, len(plans))
-    cached = _cached_manifest(source, records)
-    cached.save(out_dir / "manifest.csv")
     failures = [failure for record in records for failure in record["failures"]]
-    pd.DataFrame(failures, columns=["row", "path", "reason"]).to_csv(out_dir / "failures.csv", index=False)
     meta = {
         "format": _FORMAT_VERSION,
         "cxrkit_version": cxrkit.__version__,
         **{k: settings[k] for k in ("image_size", "resize_policy", "shard_size")},
         "source_manifest_sha256": hashlib.sha256(source_path.read_bytes()).hexdigest(),
         "n_source_rows": len(source),
-        "n_images": len(cached),
+        "n_images": sum(len(record["rows"]) for record in records),
         "n_failed": len(failures),
         "labels": source.labels,
         "shards": [_shard_meta(out_dir, record) for record in records],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
+    if _is_merged(out_dir, meta):
+        return out_dir  # complete and unchanged: never rewritten under its readers
+    _mark_incomplete(out_dir)
+    _remove_stale_files(out_dir, len(plans))
+    cached = _cached_manifest(source, records).frame
+    write_atomic(out_dir / "manifest.csv.labels.json", json.dumps(source.labels).encode())
+    write_atomic(out_dir / "manifest.csv", cached.to_csv(index=False).encode())
+    failures_csv = pd.DataFrame(failures, columns=["row", "path", "reason"]).to_csv(index=False)
+    write_atomic(out_dir / "failures.csv", failures_csv.encode())
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2).encode())  # last: marks it complete
     return out_dir
+
+
+def _is_merged(out_dir: Path, meta: dict) -> bool:
+    """Whether ``out_dir`` already holds the merge described by ``meta`` (its time and version aside)."""
+    finals = [out_dir / name for name in ("manifest.csv", "manifest.csv.labels.json", "failures.csv")]
+    meta_path = out_dir / "meta.json"
+    if not (meta_path.exists() and all(path.exists() for path in finals)):
+        return False
+    try:
+        existing = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return _content(existing) == _content(meta)
+
+
+def _content(meta: dict) -> dict:
+    return {key: value for key, value in meta.items() if key not in _VOLATILE_META}
 
 
 def _shard_meta(out_dir: Path, record: dict) -> dict:
@@ -566,10 +534,22 @@ def _check_records(out_dir: Path, records: list[dict], plans: list[_ShardPlan], 
 
 
 def _remove_stale_files(out_dir: Path, n_shards: int) -> None:
-    for path in (out_dir / "shards").iterdir():
-        match = _SHARD_FILE.fullmatch(path.name)
-        if (match and int(match["index"]) >= n_shards) or ".tmp-" in path.name:
+    """Remove shards beyond the manifest's end and temporary files left by processes no longer running."""
+    for path in [*(out_dir / "shards").iterdir(), *out_dir.iterdir()]:
+        shard = _SHARD_FILE.fullmatch(path.name)
+        temp = _TEMP_FILE.fullmatch(path.name)
+        if (shard and int(shard["index"]) >= n_shards) or (temp and not _is_running(int(temp["pid"]))):
             path.unlink(missing_ok=True)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _cached_manifest(source: Manifest, records: list[dict]) -> Manifest:
@@ -604,6 +584,11 @@ class Cache:
             )
         self.meta: dict = json.loads(meta_path.read_text())
         self.manifest = Manifest.load(self.out_dir / "manifest.csv")
+        if len(self.manifest) != int(self.meta["n_images"]):
+            raise CacheIncompleteError(
+                f"cache {self.out_dir} changed while it was being opened (a prepare is rebuilding it): "
+                "open it again when that prepare has finished"
+            )
         self.image_size = int(self.meta["image_size"])
         self.resize_policy = str(self.meta["resize_policy"])
         self._shard_files = [self.out_dir / shard["file"] for shard in self.meta["shards"]]
@@ -630,7 +615,14 @@ class Cache:
     def shards(self) -> list[np.ndarray]:
         """The shard arrays, memory-mapped read-only, each (n, S, S) uint8."""
         if self._memmaps is None:
-            self._memmaps = [np.load(path, mmap_mode="r") for path in self._shard_files]
+            memmaps = [np.load(path, mmap_mode="r") for path in self._shard_files]
+            for array, shard in zip(memmaps, self.meta["shards"], strict=True):
+                if array.shape[0] != shard["rows"]:
+                    raise CacheIncompleteError(
+                        f"cache {self.out_dir}: {shard['file']} was rebuilt since the cache was opened "
+                        "(a prepare is changing it): open the cache again when that prepare has finished"
+                    )
+            self._memmaps = memmaps
         return self._memmaps
 
     def image(self, index: int) -> np.ndarray:

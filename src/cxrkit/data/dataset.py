@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from cxrkit.data.augment import BatchAugment, eval_transform
 from cxrkit.data.cache import Cache, open_cache
 from cxrkit.data.config import DataConfig
+from cxrkit.data.manifest import SPLITS
 
-SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 Sample = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -39,8 +39,8 @@ class CachedImages(Dataset[Sample]):
     ):
         self.cache = cache if isinstance(cache, Cache) else open_cache(cache)
         frame = self.cache.manifest.frame
-        if split is not None and split not in SPLIT_NAMES:
-            raise ValueError(f"split must be one of {SPLIT_NAMES} or None, got {split!r}")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
         self.split = split
         self.rows = (
             np.arange(len(frame)) if split is None else np.flatnonzero(frame["split"].to_numpy() == split)
@@ -156,7 +156,7 @@ class CXRDataModule(pl.LightningDataModule):
         return int(self.cfg.augment.crop_size)
 
     def setup(self, stage: str | None = None) -> None:
-        for split in SPLIT_NAMES:
+        for split in SPLITS:
             self.dataset(split)
 
     def dataset(self, split: str) -> CachedImages:

@@ -25,8 +25,9 @@ from PIL import Image
 
 from cxrkit.data import labels as vocab
 from cxrkit.data.augment import BatchAugment
-from cxrkit.data.cache import Geometry, open_cache
-from cxrkit.data.manifest import Manifest
+from cxrkit.data.cache import open_cache
+from cxrkit.data.manifest import SPLITS, Manifest
+from cxrkit.data.transforms import Geometry
 from cxrkit.reporting import plots
 from cxrkit.reporting.html import Report
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 #: Loads the image of one manifest row (by position) as uint8 HxW grayscale.
 ImageLoader = Callable[[int], np.ndarray]
 
-SPLIT_ORDER: tuple[str, ...] = ("train", "val", "test", "")
+SPLIT_ORDER: tuple[str, ...] = (*SPLITS, "")
 UNASSIGNED = "unassigned"
 UNKNOWN = "unknown"
 #: Ages outside this range (years) are reported as implausible (NIH has a few recording errors).
@@ -213,7 +214,7 @@ def describe(
     _augment_section(report, inputs, augment_cfg, seed)
     _failures_section(report, pd.concat([f for f in (failures, load_failures) if len(f)] or [failures]))
     path = report.write(out_dir)
-    log.info("data description written to %s", path)
+    log.debug("data description written to %s", path)  # `cxr data describe` prints the path
     return path
 
 

@@ -32,6 +32,16 @@ NIH_FINDINGS: tuple[str, ...] = (
     "Hernia",
 )
 
+#: Findings that PadChest brings to the vocabulary (neither NIH nor CheXpert annotates them).
+PADCHEST_EXTRA_FINDINGS: tuple[str, ...] = (
+    "Tube",
+    "Electrical Device",
+    "Granuloma",
+    "Calcification",
+    "Scoliosis",
+    "Aortic Elongation",
+)
+
 #: Findings beyond NIH that CheXpert, PadChest or OpenI annotate.
 EXTRA_FINDINGS: tuple[str, ...] = (
     "Enlarged Cardiomediastinum",
@@ -40,12 +50,7 @@ EXTRA_FINDINGS: tuple[str, ...] = (
     "Fracture",
     "Pleural Other",
     "Support Devices",
-    "Tube",
-    "Electrical Device",
-    "Granuloma",
-    "Calcification",
-    "Scoliosis",
-    "Aortic Elongation",
+    *PADCHEST_EXTRA_FINDINGS,
 )
 
 #: Every canonical finding (No Finding excluded), in a fixed order.

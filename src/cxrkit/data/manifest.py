@@ -30,7 +30,8 @@ from cxrkit.data import labels as vocab
 
 META_COLUMNS: tuple[str, ...] = ("path", "patient_id", "study_id", "view", "sex", "age", "split", "source")
 VIEWS: frozenset[str] = frozenset({"PA", "AP", "LAT", "OTHER", ""})
-SPLITS: frozenset[str] = frozenset({"train", "val", "test", ""})
+#: The split names, in pipeline order; a manifest row may also carry "" (not assigned to any split).
+SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
 @dataclass
@@ -91,9 +92,9 @@ def validate(frame: pd.DataFrame, labels: list[str]) -> None:
     bad_views = set(frame["view"].unique()) - VIEWS
     if bad_views:
         raise ValueError(f"manifest column 'view' has values outside {sorted(VIEWS)}: {sorted(bad_views)}")
-    bad_splits = set(frame["split"].unique()) - SPLITS
+    bad_splits = set(frame["split"].unique()) - {*SPLITS, ""}
     if bad_splits:
-        raise ValueError(f"manifest column 'split' has values outside {sorted(SPLITS)}: {sorted(bad_splits)}")
+        raise ValueError(f"manifest column 'split' has values outside {[*SPLITS, '']}: {sorted(bad_splits)}")
     for label in labels:
         values = frame[label].to_numpy(dtype=np.float64)
         finite = values[~np.isnan(values)]

@@ -1,43 +1,51 @@
-"""Patient-wise train/val/test splits: a patient's images always land in one split.
+"""Patient-wise train/val/test splits: a patient's images always land in one split, and stay there.
+
+Every drawn split is a keyed hash of the patient id: ``u = blake2b(patient_id, key=f"{seed}:{source}")``
+read as a number in [0, 1), and a patient's split depends on its own ``u`` only. Adding or removing
+patients therefore never moves an existing patient, and the fractions hold within sampling error (a
+binomial count, about ``sqrt(f (1 - f) / n)`` of ``n`` patients). When a draw would leave a split empty on a
+small dataset, the patient whose ``u`` is nearest above the cut joins it (logged); that one assignment can
+change when patients are added. A run stores the manifest it trained on (:mod:`cxrkit.data.run_manifest`)
+and is evaluated on that, whatever the data on disk became.
 
 Methods (``SplitConfig.method``):
 
 - ``official``: per source, keep what the dataset defines and draw what it lacks. Patients with an image
-  in the official ``test`` split form the test set (all their images); a source without one gets
-  ``test_fraction`` of its patients drawn at random (logged). Patients in an official ``val`` split
-  (CheXpert's valid.csv) form the validation set, else ``val_fraction`` of the train patients are drawn.
-- ``random``: per source, ``test_fraction`` and ``val_fraction`` of the patients are drawn into test and val.
-- ``kfold``: the test set is the official one (or, for a source without one, ``test_fraction`` of its
-  patients drawn with ``seed``, the same for every fold; ``test_fraction: 0`` for pure cross-validation);
-  the other patients are cut into ``n_folds`` folds of whole patients, stratified on each patient's
-  rarest positive label (scikit-learn ``StratifiedKFold`` over patients), and fold ``fold`` is the
-  validation set.
+  in the official ``test`` split form the test set (all their images); a source without one sends the
+  patients with ``u < test_fraction`` to test (logged). Patients in an official ``val`` split (CheXpert's
+  valid.csv) form the validation set, else ``val_fraction`` of the train patients are drawn by ``u``.
+- ``random``: per source, ``u < test_fraction`` is test and ``test_fraction <= u < test_fraction +
+  val_fraction`` is validation (fractions of all the source's patients).
+- ``kfold``: the test set is the official one (or, for a source without one, the ``u < test_fraction``
+  patients, the same for every fold; ``test_fraction: 0`` for pure cross-validation); the other patients
+  are cut into ``n_folds`` folds of whole patients, stratified on each patient's rarest positive label
+  (scikit-learn ``StratifiedKFold`` over patients, seeded with ``seed``), and fold ``fold`` is the
+  validation set. The test set is as stable as above; the folds are re-drawn over the patients present, so
+  a cross-validation is run on one version of the data (each run keeps its own stored manifest).
 
-Every draw is seeded with ``seed`` (and the source name), so a split is reproducible; fractions count
-patients, not images.
+Fractions count patients, not images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import zlib
-from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from cxrkit.data.manifest import Manifest
+from cxrkit.data.manifest import SPLITS, Manifest
 
 log = logging.getLogger(__name__)
 
-METHODS = ("official", "random", "kfold")
-SPLITS = ("train", "val", "test")
+_HASH_SCALE = float(2**64)
 
 
 def assign_splits(manifest: Manifest, split_cfg) -> Manifest:
-    """Return ``manifest`` with its ``split`` column set to train/val/test by patient (see module docs)."""
-    _validate(split_cfg)
+    """Return ``manifest`` with its ``split`` column set to train/val/test by patient (see module docs).
+
+    ``split_cfg`` is checked when the config loads (:func:`cxrkit.data.config.check_data`)."""
     frame = manifest.frame
     if frame.empty:
         raise ValueError("cannot split an empty manifest")
@@ -76,34 +84,33 @@ def describe(manifest: Manifest) -> str:
     return ", ".join(parts)
 
 
-def _validate(cfg) -> None:
-    if cfg.method not in METHODS:
-        raise ValueError(f"split method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    for name in ("val_fraction", "test_fraction"):
-        value = getattr(cfg, name)
-        if not 0 <= value < 1:
-            raise ValueError(f"split {name} must be in [0, 1), got {value}")
-    if cfg.val_fraction + cfg.test_fraction >= 1:
-        raise ValueError("split val_fraction + test_fraction must be below 1 (train needs patients)")
-    if cfg.method == "kfold":
-        if cfg.n_folds < 2:
-            raise ValueError(f"split n_folds must be at least 2, got {cfg.n_folds}")
-        if not 0 <= cfg.fold < cfg.n_folds:
-            raise ValueError(f"split fold must be in [0, {cfg.n_folds}), got {cfg.fold}")
+def patient_uniform(patient_ids: pd.Series | np.ndarray | list[str], seed: int, source: str) -> np.ndarray:
+    """Per patient id, its keyed hash ``blake2b(id, key=f"{seed}:{source}")`` as a float in [0, 1)."""
+    key = f"{int(seed)}:{source}".encode()[:64]
+    values = [
+        int.from_bytes(hashlib.blake2b(str(pid).encode(), key=key, digest_size=8).digest(), "big")
+        for pid in patient_ids
+    ]
+    return np.asarray(values, dtype=np.float64) / _HASH_SCALE
 
 
-def _rng(seed: int, source: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(source.encode())])
+def _draw(u: pd.Series, low: float, high: float, keep: int = 1) -> set[str]:
+    """Patients (index of ``u``) with ``low <= u < high``; when that is empty but ``high > low``, the one with
+    the smallest ``u >= low``, provided at least ``keep`` patients stay outside the draw."""
+    drawn = set(u.index[(u >= low) & (u < high)])
+    if drawn or high <= low or len(u) <= keep:
+        return drawn
+    above = u[u >= low]
+    if above.empty:
+        above = u
+    nearest = str(above.idxmin())
+    log.info("splits: no patient hashed into [%.3f, %.3f); %s joins that split", low, high, nearest)
+    return {nearest}
 
 
-def _draw(patients: Iterable[str], fraction: float, total: int, rng: np.random.Generator) -> list[str]:
-    """``fraction`` of ``total`` patients drawn from ``patients`` (at least one when the fraction is > 0)."""
-    pool = sorted(patients)
-    count = round(fraction * total)
-    if fraction > 0 and len(pool) > 1:
-        count = max(count, 1)
-    count = min(count, max(len(pool) - 1, 0))
-    return [pool[i] for i in rng.permutation(len(pool))[:count]]
+def _source_uniform(group: pd.DataFrame, seed: int, source: str) -> pd.Series:
+    patients = sorted(set(group["patient_id"]))
+    return pd.Series(patient_uniform(patients, seed, source), index=patients)
 
 
 def _official_sets(group: pd.DataFrame) -> tuple[set[str], set[str]]:
@@ -123,19 +130,20 @@ def _official(frame: pd.DataFrame, cfg) -> dict[str, str]:
     assignment: dict[str, str] = {}
     for source, group in frame.groupby("source", sort=True):
         test, val = _official_sets(group)
-        rng = _rng(cfg.seed, str(source))
-        patients = set(group["patient_id"])
+        u = _source_uniform(group, cfg.seed, str(source))
+        cut = 0.0
         if not test:
             log.info(
                 "splits: %s has no official test split; drawing %.0f%% of its patients",
                 source,
                 100 * cfg.test_fraction,
             )
-            test = set(_draw(patients - val, cfg.test_fraction, len(patients), rng))
-        train = patients - test - val
+            cut = cfg.test_fraction
+            test = _draw(u.drop(list(val)), 0.0, cut)
+        rest = u.drop(list(test | val))
         if not val:
-            val = set(_draw(train, cfg.val_fraction, len(train), rng))
-        assignment.update(dict.fromkeys(train - val, "train"))
+            val = _draw(rest, cut, cut + cfg.val_fraction * (1 - cut))
+        assignment.update(dict.fromkeys(rest.index, "train"))
         assignment.update(dict.fromkeys(val, "val"))
         assignment.update(dict.fromkeys(test, "test"))
     return assignment
@@ -144,11 +152,10 @@ def _official(frame: pd.DataFrame, cfg) -> dict[str, str]:
 def _random(frame: pd.DataFrame, cfg) -> dict[str, str]:
     assignment: dict[str, str] = {}
     for source, group in frame.groupby("source", sort=True):
-        rng = _rng(cfg.seed, str(source))
-        patients = set(group["patient_id"])
-        test = set(_draw(patients, cfg.test_fraction, len(patients), rng))
-        val = set(_draw(patients - test, cfg.val_fraction, len(patients), rng))
-        assignment.update(dict.fromkeys(patients - test - val, "train"))
+        u = _source_uniform(group, cfg.seed, str(source))
+        test = _draw(u, 0.0, cfg.test_fraction)
+        val = _draw(u.drop(list(test)), cfg.test_fraction, cfg.test_fraction + cfg.val_fraction)
+        assignment.update(dict.fromkeys(u.index, "train"))
         assignment.update(dict.fromkeys(val, "val"))
         assignment.update(dict.fromkeys(test, "test"))
     return assignment
@@ -159,9 +166,7 @@ def _kfold(manifest: Manifest, cfg) -> dict[str, str]:
     test: set[str] = set()
     for source, group in frame.groupby("source", sort=True):
         official_test, _ = _official_sets(group)
-        patients = set(group["patient_id"])
-        drawn = _draw(patients, cfg.test_fraction, len(patients), _rng(cfg.seed, str(source)))
-        test |= official_test or set(drawn)
+        test |= official_test or _draw(_source_uniform(group, cfg.seed, str(source)), 0.0, cfg.test_fraction)
     strata = _patient_strata(manifest, cfg.n_folds).drop(list(test))
     if len(strata) < cfg.n_folds:
         raise ValueError(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,17 @@ from cxrkit.evaluation.metrics import MACRO, MICRO, RATE_COLUMNS, Predictions
 
 #: A statistic maps a (n_units, chunk) multiplicity matrix to a (chunk, ...) array of replicate values.
 Statistic = Callable[[np.ndarray], np.ndarray]
+
+
+class Replicates(Protocol):
+    """Unit weights of many replicates: ``index`` maps rows to units; ``chunks()`` yields (n_units, chunk)."""
+
+    index: np.ndarray
+    n_units: int
+    n_replicates: int
+    chunk_size: int
+
+    def chunks(self) -> Iterator[np.ndarray]: ...
 
 
 class Resampler:
@@ -79,8 +91,50 @@ class Resampler:
         raise IndexError(f"replicate {replicate} out of range ({self.n_replicates} replicates)")
 
 
+class GroupPermutations:
+    """Random relabellings of groups among units, as 0/1 unit weights for permutation tests.
+
+    ``unit_groups`` gives the group code (0..n_groups-1) of every unit. Each permutation shuffles these codes
+    among the units (group sizes stay fixed); a chunk holds, for each of its permutations ``c`` and each
+    group ``g``, the indicator column ``c * n_groups + g`` of the units that permutation puts in ``g``. A
+    statistic over a chunk therefore returns (chunk * n_groups, ...) values, permutation-major.
+    """
+
+    def __init__(
+        self,
+        groups: np.ndarray,
+        unit_groups: np.ndarray,
+        n_permutations: int = 1000,
+        seed: int = 0,
+        chunk_size: int = 32,
+    ):
+        if n_permutations < 1:
+            raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+        self.index, uniques = pd.factorize(np.asarray(groups), sort=True)
+        self.n_units = len(uniques)
+        self.unit_groups = np.asarray(unit_groups, dtype=np.int64)
+        if self.unit_groups.shape != (self.n_units,):
+            raise ValueError(
+                f"unit_groups needs one group per unit ({self.n_units}), got {self.unit_groups.shape}"
+            )
+        self.n_groups = int(self.unit_groups.max()) + 1
+        self.n_replicates = n_permutations
+        self.seed = seed
+        self.chunk_size = chunk_size
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Yield float32 indicator matrices of shape (n_units, chunk * n_groups)."""
+        rng = np.random.default_rng(self.seed)
+        codes = np.arange(self.n_groups)
+        for start in range(0, self.n_replicates, self.chunk_size):
+            size = min(self.chunk_size, self.n_replicates - start)
+            shuffled = rng.permuted(np.tile(self.unit_groups, (size, 1)), axis=1)  # (size, n_units)
+            indicator = shuffled[:, None, :] == codes[None, :, None]  # (size, n_groups, n_units)
+            yield np.ascontiguousarray(indicator.reshape(-1, self.n_units).T, dtype=np.float32)
+
+
 def run(
-    resampler: Resampler, statistics: Mapping[str, Statistic], progress: bool = False
+    resampler: Replicates, statistics: Mapping[str, Statistic], progress: bool = False
 ) -> dict[str, np.ndarray]:
     """Evaluate every statistic on every replicate; returns name -> array (n_replicates, ...)."""
     parts: dict[str, list[np.ndarray]] = {name: [] for name in statistics}
@@ -163,7 +217,7 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 
 def ranking_statistic(
-    y_true: np.ndarray, y_score: np.ndarray, resampler: Resampler, average_precision: bool = True
+    y_true: np.ndarray, y_score: np.ndarray, resampler: Replicates, average_precision: bool = True
 ) -> Statistic:
     """Per-label AUROC and average precision of every replicate: (chunk, n_labels, 2)."""
     y_true, y_score = _as_2d(y_true), _as_2d(y_score)
@@ -179,7 +233,7 @@ def ranking_statistic(
     return statistic
 
 
-def auroc_statistic(y_true: np.ndarray, y_score: np.ndarray, resampler: Resampler) -> Statistic:
+def auroc_statistic(y_true: np.ndarray, y_score: np.ndarray, resampler: Replicates) -> Statistic:
     """Per-label AUROC of every replicate: (chunk, n_labels)."""
     ranking = ranking_statistic(y_true, y_score, resampler, average_precision=False)
     return lambda counts: ranking(counts)[..., 0]
@@ -240,10 +294,17 @@ def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[np.nd
 
 @dataclass
 class BootstrapResult:
-    """Replicate values of every metric; ``table()`` turns them into interval columns."""
+    """Replicate values of every metric; ``table()`` turns them into interval columns.
+
+    ``point`` holds the same statistics on the full set (every unit once); it fixes which findings the mean
+    (``macro``) averages: those defined on the full set and counted by
+    :func:`~cxrkit.evaluation.metrics.mean_label_mask`. Every replicate averages exactly that set; a replicate
+    in which one of them is undefined has no mean (it is not averaged over fewer findings).
+    """
 
     labels: list[str]
     samples: dict[str, np.ndarray]
+    point: dict[str, np.ndarray]
     n_replicates: int
     level: float
     unit: str
@@ -252,7 +313,8 @@ class BootstrapResult:
     def table(self) -> pd.DataFrame:
         """Columns ``<metric>_low``/``<metric>_high`` (and ``<metric>_replicates``, the usable count)
         for AUROC, AUPRC and, when thresholds were given, the rates at the operating points. Rows: labels,
-        ``macro`` (replicate-wise mean over labels) and ``micro`` (pooled pairs / summed counts)."""
+        ``macro`` (replicate-wise mean over one common set of findings) and ``micro`` (pooled pairs /
+        summed counts)."""
         frame = pd.DataFrame(index=pd.Index([*self.labels, MACRO, MICRO], name="label"))
         for name, per_label in self.per_label_samples().items():
             low, high = percentile_interval(per_label, self.level)
@@ -263,26 +325,38 @@ class BootstrapResult:
 
     def per_label_samples(self) -> dict[str, np.ndarray]:
         """Metric -> (n_replicates, n_labels + 2) replicate values, columns = labels, macro, micro."""
+        samples, point = _per_label_metrics(self.samples), _per_label_metrics(self.point)
+        mask = metrics.mean_label_mask(self.labels)
         out = {}
-        for name in ("auroc", "auprc"):
-            if name in self.samples:
-                values = self.samples[name]
-                out[name] = np.column_stack([values, rowwise_nanmean(values), self.samples[f"micro_{name}"]])
-        if "confusion" in self.samples:
-            confusion = self.samples["confusion"]
-            per_label = metrics.rates(*np.moveaxis(confusion, 2, 0))
-            summed = metrics.rates(*np.moveaxis(confusion.sum(axis=1), 1, 0))
-            for name in RATE_COLUMNS:
-                out[name] = np.column_stack([per_label[name], rowwise_nanmean(per_label[name]), summed[name]])
+        for name, (per_label, pooled) in samples.items():
+            point_per_label, _ = point[name]
+            columns = mask & np.isfinite(point_per_label[0])
+            out[name] = np.column_stack([per_label, common_mean(per_label, columns), pooled])
         return out
 
 
-def rowwise_nanmean(values: np.ndarray) -> np.ndarray:
-    """Mean of the finite entries of each row (NaN for a row without any), without warnings."""
-    finite = np.isfinite(values)
-    total = np.where(finite, values, 0.0).sum(axis=1)
-    count = finite.sum(axis=1)
-    return np.divide(total, count, out=np.full(total.shape, np.nan), where=count > 0)
+def _per_label_metrics(values: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Metric -> (per-label replicate values (R, L), pooled values (R,)) from the raw statistics."""
+    out = {}
+    for name in ("auroc", "auprc"):
+        if name in values:
+            out[name] = (values[name], values[f"micro_{name}"])
+    if "confusion" in values:
+        confusion = values["confusion"]
+        per_label = metrics.rates(*np.moveaxis(confusion, 2, 0))
+        summed = metrics.rates(*np.moveaxis(confusion.sum(axis=1), 1, 0))
+        for name in RATE_COLUMNS:
+            out[name] = (per_label[name], summed[name])
+    return out
+
+
+def common_mean(samples: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Mean of each replicate over the label ``columns`` (boolean mask); NaN for a replicate in which any
+    of them is undefined, and for every replicate when no column is chosen."""
+    columns = np.asarray(columns, dtype=bool)
+    if not columns.any():
+        return np.full(samples.shape[0], np.nan)
+    return samples[:, columns].mean(axis=1)
 
 
 def resampling_groups(pred: Predictions, unit: str) -> np.ndarray:
@@ -314,14 +388,21 @@ def bootstrap(
     if thresholds is not None:
         predicted = metrics.binarize(pred.y_score, pred.labels, thresholds)
         statistics["confusion"] = confusion_statistic(pred.y_true, predicted, resampler)
-    out = run(resampler, statistics, progress)
-    pooled = out.pop("micro") if micro else np.full((n_replicates, 2), np.nan)
-    ranking = out.pop("ranking")
-    samples = {
+    samples = _named(run(resampler, statistics, progress), micro)
+    every_unit_once = np.ones((resampler.n_units, 1), dtype=np.float32)
+    point = _named({name: statistic(every_unit_once) for name, statistic in statistics.items()}, micro)
+    return BootstrapResult(list(pred.labels), samples, point, n_replicates, level, unit, seed)
+
+
+def _named(values: dict[str, np.ndarray], micro: bool) -> dict[str, np.ndarray]:
+    """Split the ranking statistics into ``auroc``, ``auprc``, ``micro_auroc`` and ``micro_auprc``."""
+    values = dict(values)
+    ranking = values.pop("ranking")
+    pooled = values.pop("micro") if micro else np.full((ranking.shape[0], 2), np.nan)
+    return {
         "auroc": ranking[..., 0],
         "auprc": ranking[..., 1],
         "micro_auroc": pooled[:, 0],
         "micro_auprc": pooled[:, 1],
-        **out,
+        **values,
     }
-    return BootstrapResult(list(pred.labels), samples, n_replicates, level, unit, seed)

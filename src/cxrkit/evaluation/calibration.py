@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxrkit.evaluation.metrics import MACRO, MICRO, Predictions
+from cxrkit.evaluation.metrics import MACRO, MICRO, Predictions, mean_label_mask
 
 DEFAULT_BINS = 15
 
@@ -81,13 +81,14 @@ def brier_score(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 
 
 def calibration_table(pred: Predictions, n_bins: int = DEFAULT_BINS) -> pd.DataFrame:
-    """ECE, negative log-likelihood and Brier score per label, their ``macro`` mean and the ``micro``
+    """ECE, negative log-likelihood and Brier score per label, their ``macro`` mean (over the findings, as
+    :func:`~cxrkit.evaluation.metrics.mean_label_mask` says) and the ``micro``
     value over all known image-label pairs pooled."""
     rows = {}
     for j, label in enumerate(pred.labels):
         rows[label] = _scores(pred.y_true[:, j], pred.y_score[:, j], n_bins)
     table = pd.DataFrame.from_dict(rows, orient="index")
-    table.loc[MACRO] = table.mean(numeric_only=True)
+    table.loc[MACRO] = table[mean_label_mask(pred.labels)].mean(numeric_only=True)
     table.loc[MICRO] = pd.Series(_scores(pred.y_true.ravel(), pred.y_score.ravel(), n_bins))
     table.index.name = "label"
     return table

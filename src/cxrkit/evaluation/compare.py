@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrkit.evaluation import bootstrap as bs
-from cxrkit.evaluation.metrics import MACRO, Predictions, auroc
+from cxrkit.evaluation.metrics import MACRO, Predictions, auroc, mean_label_mask
 
 
 @dataclass
@@ -79,14 +79,14 @@ def compare_runs(
     )
     point_a = np.array([auroc(a.y_true[:, j], a.y_score[:, j]) for j in range(len(a.labels))])
     point_b = np.array([auroc(b.y_true[:, j], b.y_score[:, j]) for j in range(len(b.labels))])
-    defined = np.isfinite(point_a)
+    defined = np.isfinite(point_a) & mean_label_mask(a.labels)
     rows = []
     for j, label in enumerate([*a.labels, MACRO]):
         if j < len(a.labels):
             pa, pb, diff = point_a[j], point_b[j], samples["b"][:, j] - samples["a"][:, j]
         else:
             pa, pb = _mean(point_a[defined]), _mean(point_b[defined])
-            diff = bs.rowwise_nanmean(samples["b"][:, defined]) - bs.rowwise_nanmean(samples["a"][:, defined])
+            diff = bs.common_mean(samples["b"], defined) - bs.common_mean(samples["a"], defined)
         low, high = bs.percentile_interval(diff[:, None], level)
         rows.append(
             {

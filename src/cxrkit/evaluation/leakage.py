@@ -1,11 +1,14 @@
 """Patient leakage check: does any patient have images in more than one split?
 
 A patient in both train and test inflates test metrics (the model has seen that patient's anatomy, devices
-and reader), which is why NIH ChestX-ray14's official split and every cxrkit split are patient-wise.
+and reader), which is why NIH ChestX-ray14's official split and every cxrkit split are patient-wise. Given
+the training patients a run stored (:func:`cxrkit.data.run_manifest.load_run_manifest`), the check also
+compares every evaluated split with them, so data that changed on disk after training cannot hide a leak.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -48,10 +51,16 @@ class LeakageReport:
         }
 
 
+RUN_TRAIN = "run train"
+
+
 def check_patient_leakage(
-    patient_ids: np.ndarray | pd.Series, splits: np.ndarray | pd.Series
+    patient_ids: np.ndarray | pd.Series,
+    splits: np.ndarray | pd.Series,
+    training_patients: Iterable[str] | None = None,
 ) -> LeakageReport:
-    """Compare the patient sets of the splits given per row (rows with an empty split are ignored)."""
+    """Compare the patient sets of the splits given per row (rows with an empty split are ignored) and,
+    with ``training_patients`` (the run's stored ones), each split but train with them too."""
     frame = pd.DataFrame(
         {"patient": np.asarray(patient_ids).astype(str), "split": np.asarray(splits).astype(str)}
     )
@@ -61,7 +70,14 @@ def check_patient_leakage(
     patients = {split: set(group["patient"]) for split, group in frame.groupby("split", sort=False)}
     order = sorted(patients, key=_split_rank)
     shared = {f"{a}/{b}": sorted(patients[a] & patients[b]) for a, b in combinations(order, 2)}
-    return LeakageReport({split: len(patients[split]) for split in order}, shared)
+    sizes = {split: len(patients[split]) for split in order}
+    if training_patients is not None:
+        trained = {str(patient) for patient in training_patients}
+        sizes[RUN_TRAIN] = len(trained)
+        for split in order:
+            if split != "train":
+                shared[f"{RUN_TRAIN}/{split}"] = sorted(trained & patients[split])
+    return LeakageReport(sizes, shared)
 
 
 def _split_rank(split: str) -> tuple[int, str]:

@@ -8,13 +8,17 @@ Unknown (NaN) targets are excluded label by label: a row counts for every label 
 whose known targets hold a single class has no ROC curve; its AUROC and AUPRC are NaN ("undefined") and are
 left out of macro averages rather than raising. Ranking metrics come from scikit-learn.
 
+The mean (``macro``) row averages the *findings*: "No Finding" is reported on its own row but left out of
+the mean unless it is the only label (:func:`mean_label_mask`). The training monitor ``val/auroc_mean``
+follows the same rule, so the number that picks the checkpoint is the number the report calls the mean.
+
 Operating-point convention (used everywhere in cxrkit): a row is predicted positive when
 ``score >= threshold``, as scikit-learn's ``roc_curve`` thresholds are defined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +32,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from cxrkit.data.labels import NO_FINDING
 
 TASKS = ("multilabel", "multiclass")
 TRUE_PREFIX = "true:"
@@ -234,26 +240,30 @@ def auprc(y_true: np.ndarray, y_score: np.ndarray) -> float:
 
 
 def ranking_table(pred: Predictions) -> pd.DataFrame:
-    """Per-label counts, prevalence, AUROC and AUPRC, plus ``macro`` (mean over defined labels) and
+    """Per-label counts, prevalence, AUROC and AUPRC, plus ``macro`` (mean over the defined findings) and
     ``micro`` (all known image-label pairs pooled) rows. Indexed by label."""
     rows = []
     for j, label in enumerate(pred.labels):
         y, s = pred.y_true[:, j], pred.y_score[:, j]
         rows.append({"label": label, **_counts(y), "auroc": auroc(y, s), "auprc": auprc(y, s)})
     table = pd.DataFrame(rows).set_index("label")
-    macro = {
-        "n": np.nan,
-        "n_pos": np.nan,
-        "n_neg": np.nan,
-        "prevalence": np.nan,
-        "auroc": _nanmean(table["auroc"]),
-        "auprc": _nanmean(table["auprc"]),
-    }
     y_flat, s_flat = pred.y_true.ravel(), pred.y_score.ravel()
     micro = {**_counts(y_flat), "auroc": auroc(y_flat, s_flat), "auprc": auprc(y_flat, s_flat)}
-    table.loc[MACRO] = macro
+    table.loc[MACRO] = _macro_row(table, pred.labels, ("auroc", "auprc"))
     table.loc[MICRO] = micro
     return table
+
+
+def _macro_row(table: pd.DataFrame, labels: Sequence[str], averaged: Sequence[str]) -> dict[str, float]:
+    """The ``macro`` row: the mean of each ``averaged`` column over :func:`mean_label_mask`; NaN elsewhere."""
+    mean_rows = table[mean_label_mask(labels)]
+    return {column: _nanmean(mean_rows[column]) if column in averaged else np.nan for column in table.columns}
+
+
+def mean_label_mask(labels: Sequence[str]) -> np.ndarray:
+    """Which labels the mean (``macro``) averages: every finding; "No Finding" only when it is alone."""
+    findings = np.array([label != NO_FINDING for label in labels], dtype=bool)
+    return findings if findings.any() else np.ones(len(findings), dtype=bool)
 
 
 def _counts(y: np.ndarray) -> dict[str, float]:
@@ -292,24 +302,25 @@ class Curve:
 
 def roc_curves(pred: Predictions) -> dict[str, Curve]:
     """ROC curve per defined label (scikit-learn ``roc_curve`` on the known entries)."""
-    curves = {}
-    for label in pred.labels:
-        y, s = pred.column(label)
-        if is_defined(y):
-            fpr, tpr, thresholds = roc_curve(y, s)
-            curves[label] = Curve(fpr, tpr, thresholds)
-    return curves
+    return _per_defined_label(pred, lambda y, s: Curve(*roc_curve(y, s)))
 
 
 def pr_curves(pred: Predictions) -> dict[str, Curve]:
     """Precision-recall curve per defined label (scikit-learn ``precision_recall_curve``)."""
-    curves = {}
-    for label in pred.labels:
-        y, s = pred.column(label)
-        if is_defined(y):
-            precision, recall, thresholds = precision_recall_curve(y, s)
-            curves[label] = Curve(recall, precision, np.append(thresholds, np.inf))
-    return curves
+
+    def recall_precision(y: np.ndarray, s: np.ndarray) -> Curve:
+        precision, recall, thresholds = precision_recall_curve(y, s)
+        return Curve(recall, precision, np.append(thresholds, np.inf))
+
+    return _per_defined_label(pred, recall_precision)
+
+
+def _per_defined_label(
+    pred: Predictions, curve: Callable[[np.ndarray, np.ndarray], Curve]
+) -> dict[str, Curve]:
+    """``curve(targets, scores)`` of each label's known entries, for the labels defined on ``pred``."""
+    columns = {label: pred.column(label) for label in pred.labels}
+    return {label: curve(y, s) for label, (y, s) in columns.items() if is_defined(y)}
 
 
 # ----------------------------------------------------------------------------------- operating points
@@ -380,17 +391,9 @@ def threshold_table(pred: Predictions, thresholds: Mapping[str, float]) -> pd.Da
     table = pd.DataFrame(rows).set_index("label")
     for column in ("tp", "fp", "tn", "fn"):
         table[column] = table[column].astype(float)
-    macro = {
-        "threshold": np.nan,
-        "tp": np.nan,
-        "fp": np.nan,
-        "tn": np.nan,
-        "fn": np.nan,
-        **{k: _nanmean(table[k]) for k in RATE_COLUMNS},
-    }
     summed = {k: float(table[k].sum()) for k in ("tp", "fp", "tn", "fn")}
     micro = {"threshold": np.nan, **summed, **{k: float(v) for k, v in rates(**summed).items()}}
-    table.loc[MACRO] = macro
+    table.loc[MACRO] = _macro_row(table, pred.labels, RATE_COLUMNS)
     table.loc[MICRO] = micro
     return table
 

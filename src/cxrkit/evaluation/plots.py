@@ -1,5 +1,5 @@
 """Evaluation figures: ROC and PR small multiples, confusion matrices, reliability diagrams, subgroup
-forest plot, training curves and an annotated grid of test images.
+forest plot and an annotated grid of test images (training curves live in :mod:`cxrkit.reporting.plots`).
 
 Like :mod:`cxrkit.reporting.plots`, every function returns a :class:`matplotlib.figure.Figure` built without
 pyplot (Agg backend when saved); embed with :meth:`cxrkit.reporting.html.Report.figure`.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -205,47 +204,6 @@ def subgroup_forest(table: pd.DataFrame, label: str = "macro", *, level: float =
     ax.grid(axis="x", alpha=0.3)
     if len(attributes) > 1:
         ax.legend(fontsize=8, loc="best")
-    return fig
-
-
-def training_curves(metrics_csv: str | Path) -> Figure:
-    """Loss and validation metrics per epoch from a Lightning ``CSVLogger`` ``metrics.csv`` (sparse rows:
-    each logged value appears on the row of its step; the last value of each epoch is plotted)."""
-    path = Path(metrics_csv)
-    if not path.exists():
-        raise FileNotFoundError(f"training metrics file not found: {path}")
-    frame = pd.read_csv(path)
-    if "epoch" not in frame.columns:
-        raise ValueError(f"{path}: no 'epoch' column (not a Lightning CSVLogger metrics file)")
-    values = [
-        c
-        for c in frame.columns
-        if c not in ("epoch", "step") and frame[c].notna().any() and pd.api.types.is_numeric_dtype(frame[c])
-    ]
-    per_epoch = frame.groupby("epoch")[values].last()
-    losses = [c for c in values if "loss" in c]
-    others = [c for c in values if c not in losses and not c.startswith(("lr", "learning_rate"))]
-    groups = [g for g in (losses, others) if g]
-    if not groups:
-        raise ValueError(f"{path}: no numeric metric columns to plot")
-    fig = Figure(figsize=(5.2 * len(groups), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    for ax, columns, ylabel in zip(axes, groups, ("loss" if losses else "metric", "metric"), strict=False):
-        for i, column in enumerate(columns):
-            series = per_epoch[column].dropna()
-            ax.plot(
-                series.index,
-                series.to_numpy(),
-                "o-",
-                markersize=3,
-                color=PALETTE[i % len(PALETTE)],
-                label=column,
-            )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Training curves")
     return fig
 
 

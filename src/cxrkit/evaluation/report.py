@@ -32,6 +32,7 @@ from cxrkit.evaluation.compare import ComparisonResult
 from cxrkit.evaluation.evaluator import EvaluationResult, jsonable
 from cxrkit.evaluation.metrics import MACRO, MICRO, binarize
 from cxrkit.reporting.html import Report
+from cxrkit.reporting.plots import training_curves
 
 ImageLike = np.ndarray | str | Path
 _ROW_NAMES = {MACRO: "Mean (macro)", MICRO: "Pooled (micro)"}
@@ -261,8 +262,10 @@ def _subgroups(report: Report, result: EvaluationResult, level: float) -> None:
     )
     report.table(
         gap_display(groups.gaps, level),
-        caption="Largest best-minus-worst subgroup AUROC gaps "
-        "(significant: the interval excludes 0; flagged: the largest gap of the mean AUROC)",
+        caption="Largest best-minus-worst subgroup AUROC gaps. p: permutation test of the gap over all "
+        "groups of the attribute (the choice of best and worst group is part of the test); adjusted: "
+        "Benjamini-Hochberg across every gap; significant: adjusted p below "
+        f"{1 - level:.2g}; flagged: the largest gap of the mean AUROC",
     )
     report.figure(
         plots.subgroup_forest(groups.table, MACRO, level=level),
@@ -285,6 +288,8 @@ def gap_display(gaps: pd.DataFrame, level: float = 0.95, top: int = 15) -> pd.Da
                 f"{g} ({a:.3f})" for g, a in zip(rows["worst_group"], rows["worst_auroc"], strict=True)
             ],
             f"Gap [{level:.0%} CI]": [plots.format_interval(row, "gap") for _, row in rows.iterrows()],
+            "p": [f"{p:.3g}" for p in rows["p_value"]],
+            "p (adjusted)": [f"{p:.3g}" for p in rows["p_adjusted"]],
             "Significant": np.where(rows["significant"].astype(bool), "yes", ""),
             "Flagged": np.where(rows["largest"].astype(bool), "LARGEST", ""),
         }
@@ -321,7 +326,7 @@ def _comparison(report: Report, comparison: ComparisonResult) -> None:
 def _training(report: Report, metrics_csv: str | Path) -> None:
     report.heading("Training curves")
     try:
-        figure = plots.training_curves(metrics_csv)
+        figure = training_curves(metrics_csv)
     except (FileNotFoundError, ValueError, pd.errors.ParserError) as error:
         report.callout(f"Training curves skipped: {error}", "warning")
         return
@@ -358,7 +363,9 @@ def _methods(report: Report, result: EvaluationResult) -> None:
         f"(seed {settings['seed']}), resampling {settings['unit']}s with replacement so that all images of a "
         "drawn patient enter together; each replicate is evaluated exactly as the weighted metric. Unknown "
         "targets (not annotated by the dataset) are excluded per finding. Macro values average the findings "
-        "whose metric is defined; micro values pool every known image-finding pair."
+        "whose metric is defined on the test set (No Finding is left out unless it is the only label, as in "
+        "the training monitor), and every bootstrap replicate averages that same set; micro values pool "
+        "every known image-finding pair."
     )
     report.paragraph(
         "Operating points are chosen on the validation split (or taken from the model) and applied unchanged "

@@ -5,10 +5,11 @@
 
 Steps of :func:`run_evaluation`:
 
-1. load the network (:func:`load_model`): a run directory's ``checkpoints/<best|last>.ckpt`` (EMA weights
-   when the run used them) or a bundle's weights, with its labels, activation and preprocessing;
+1. load the network (:func:`cxrkit.inference.loading.load_model`): a run directory's
+   ``checkpoints/<best|last>.ckpt`` (EMA weights when the run used them) or a bundle's weights, with its
+   labels, activation and preprocessing;
 2. open the run's cache (built or refreshed from the run's ``data`` config, exactly as training does) and
-   predict the validation split and the requested split in batches under ``torch.inference_mode``: the
+   predict the validation split and the requested split with :class:`cxrkit.inference.runner.Runner`: the
    cache image, then the evaluation transform, then the network; with ``train.tta`` the probabilities are
    averaged over :func:`cxrkit.training.module.tta_views`, as ``cxr test`` does;
 3. fit the operating points on the VALIDATION predictions only (never the evaluated labels) and, for a run,
@@ -35,20 +36,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cxrkit.config import RunConfig, load_config
 from cxrkit.data.cache import Cache
+from cxrkit.data.manifest import SPLITS
+from cxrkit.data.run_manifest import fitted_on, training_patients
 from cxrkit.evaluation.compare import ComparisonResult, compare_runs
 from cxrkit.evaluation.evaluator import TEMPERATURE_MODES, EvaluationResult, evaluate, jsonable
 from cxrkit.evaluation.leakage import check_patient_leakage
 from cxrkit.evaluation.metrics import MACRO, Predictions
 from cxrkit.evaluation.report import select_examples, write_evaluation_report
 from cxrkit.evaluation.thresholds import OperatingPoints
-from cxrkit.inference.bundle import MANIFEST, THRESHOLDS_FILE, ZIP_SUFFIXES, Bundle, PreprocessSpec
+from cxrkit.inference.export import THRESHOLDS_FILE
+from cxrkit.inference.loading import LoadedModel, load_model
+from cxrkit.inference.runner import batches
 from cxrkit.reporting.html import Report
 
 log = logging.getLogger(__name__)
@@ -56,138 +58,20 @@ log = logging.getLogger(__name__)
 EVALUATION_DIR = "evaluation"
 PREDICTIONS_FILE = "predictions.csv"
 VAL_PREDICTIONS_FILE = "predictions_val.csv"
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "f1", "sensitivity")
 #: Per-image metadata carried into the predictions (subgroups, example grid, pairing in ``cxr compare``).
 METADATA_COLUMNS: tuple[str, ...] = ("path", "sex", "age", "view")
 
 
-# ---- the model ---------------------------------------------------------------------------------------------
-@dataclass
-class LoadedModel:
-    """A trained network with what is needed to run it on its data and read its outputs."""
-
-    path: Path
-    kind: str  #: ``run`` or ``bundle``
-    name: str
-    model: nn.Module
-    labels: list[str]
-    activation: str  #: ``sigmoid`` (multi-label) or ``softmax`` (one label per image)
-    preprocess: PreprocessSpec
-    config: DictConfig  #: run config; its ``data`` section says where the images are
-    tta: bool
-    checkpoint: str | None = None  #: ``best``/``last`` for a run
-    operating_points: OperatingPoints | None = None  #: the thresholds a bundle carries
-
-    @property
-    def task(self) -> str:
-        return "multiclass" if self.activation == "softmax" else "multilabel"
-
-
-def is_bundle(path: str | Path) -> bool:
-    """A bundle folder (holding bundle.json) or a bundle zip (.cxr / .zip)."""
-    path = Path(path)
-    return (path.is_dir() and (path / MANIFEST).is_file()) or (
-        path.is_file() and path.suffix.lower() in ZIP_SUFFIXES
-    )
-
-
-def load_model(
-    path: str | Path, checkpoint: str = "best", config: str | Path | DictConfig | None = None
-) -> LoadedModel:
-    """Load a ``cxr train`` run directory or a ``cxr export`` bundle.
-
-    ``config``: a run config (YAML path or loaded) whose ``data`` section replaces the model's own, e.g. to
-    evaluate on another dataset; required for a bundle whose provenance holds no training config.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"run directory or bundle not found: {path}")
-    if is_bundle(path):
-        loaded = _load_bundle(path, config)
-    elif path.is_dir() and (path / "config.yaml").is_file():
-        loaded = _load_run(path, checkpoint)
-    else:
-        raise FileNotFoundError(
-            f"{path} is neither a cxrkit run directory (no config.yaml) nor a model bundle (no {MANIFEST})"
-        )
-    if config is not None and loaded.kind == "run":
-        loaded.config.data = _as_config(config).data
-    return loaded
-
-
-def _load_run(run_dir: Path, checkpoint: str) -> LoadedModel:
-    from cxrkit.training.run import load_run_config, load_trained_model
-
-    trained = load_trained_model(run_dir, checkpoint)
-    config = load_run_config(run_dir)
-    cache, augment = config.data.cache, config.data.augment
-    preprocess = PreprocessSpec(int(cache.image_size), str(cache.resize_policy), int(augment.crop_size))
-    return LoadedModel(
-        path=run_dir,
-        kind="run",
-        name=str(config.name),
-        model=trained.model,
-        labels=list(trained.labels),
-        activation=trained.activation,
-        preprocess=preprocess,
-        config=config,
-        tta=bool(config.train.tta),
-        checkpoint=checkpoint,
-    )
-
-
-def _load_bundle(path: Path, config: str | Path | DictConfig | None) -> LoadedModel:
-    bundle = Bundle.load(path)
-    if config is not None:
-        run_config = _as_config(config)
-    elif bundle.provenance.get("config"):
-        run_config = OmegaConf.merge(OmegaConf.structured(RunConfig), bundle.provenance["config"])
-    else:
-        raise ValueError(
-            f"bundle {path} records no training config in its provenance: pass a config whose data "
-            "section points at the images to evaluate (--config)"
-        )
-    cache = run_config.data.cache
-    spec = bundle.preprocess
-    if (int(cache.image_size), str(cache.resize_policy)) != (spec.image_size, spec.resize_policy):
-        raise ValueError(
-            f"the data config caches images at {cache.image_size} px ({cache.resize_policy}) but bundle "
-            f"{path} expects {spec.image_size} px ({spec.resize_policy}); set data.cache.image_size and "
-            "data.cache.resize_policy to match"
-        )
-    points = OperatingPoints(
-        dict(bundle.thresholds),
-        "fixed",
-        source=f"bundle {bundle.model_id} v{bundle.version}",
-        extra={"threshold_source": bundle.threshold_source},
-    )
-    return LoadedModel(
-        path=path,
-        kind="bundle",
-        name=f"{bundle.model_id} v{bundle.version}",
-        model=bundle.build_model(),
-        labels=list(bundle.labels),
-        activation=bundle.activation,
-        preprocess=spec,
-        config=run_config,
-        tta=False,
-        operating_points=points,
-    )
-
-
-def _as_config(config: str | Path | DictConfig) -> DictConfig:
-    return config if isinstance(config, DictConfig) else load_config(config)
-
-
 # ---- data and predictions ----------------------------------------------------------------------------------
 def open_data(loaded: LoadedModel) -> Cache:
     """The cache of the model's data config, built or brought up to date first (finished shards reused)."""
-    from cxrkit.data.build import prepare_data
+    from cxrkit.data.build import build_run_manifest, prepare_data
     from cxrkit.data.cache import open_cache
 
     data = loaded.config.data
-    report = prepare_data(data)
+    frozen = build_run_manifest(data, loaded.path) if loaded.kind == "run" else None  # the run's splits
+    report = prepare_data(data, manifest=frozen)
     if report.n_failed:
         log.warning(
             "%d images could not be decoded and are left out (see %s/failures.csv)",
@@ -227,45 +111,26 @@ def predict_rows(
 
     if len(rows) == 0:
         raise ValueError(f"no images to predict in cache {cache.out_dir}")
-    target = resolve_device(device)
-    model = loaded.model.to(target).eval()
-    plain, averaged = [], []
-    starts = range(0, len(rows), batch_size)
-    with torch.inference_mode():
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-            images = loaded.preprocess.model_input(cache.images(rows[start : start + batch_size]))
-            batch = torch.from_numpy(images).to(target)
-            views = tta_views(batch) if loaded.tta else [batch]
-            probabilities = [_activate(model(view).float(), loaded.activation) for view in views]
-            plain.append(probabilities[0].cpu().numpy())
-            if loaded.tta:
-                averaged.append(torch.stack(probabilities).mean(dim=0).cpu().numpy())
+    image_batches = (cache.images(chunk) for chunk in batches(rows, batch_size))
+    total = -(-len(rows) // batch_size)
+    image_batches = tqdm(image_batches, total=total, desc=desc, unit="batch", disable=not progress)
+    views = loaded.runner(device).predict_views(image_batches, tta_views if loaded.tta else None)
     frame = cache.manifest.frame.iloc[rows].reset_index(drop=True)
     targets = cache.manifest.with_labels(loaded.labels).targets[rows]
     metadata = frame[list(METADATA_COLUMNS)].copy()
 
-    def predictions(scores: list[np.ndarray]) -> Predictions:
+    def predictions(scores: np.ndarray) -> Predictions:
         return Predictions(
             targets,
-            np.clip(np.concatenate(scores).astype(np.float64), 0.0, 1.0),
+            np.clip(scores, 0.0, 1.0),
             frame["patient_id"].astype(str).to_numpy(),
             loaded.labels,
             metadata.copy(),
             loaded.task,  # type: ignore[arg-type]
         )
 
-    plain_predictions = predictions(plain)
-    return (predictions(averaged) if loaded.tta else plain_predictions), plain_predictions
-
-
-def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    return logits.softmax(dim=1) if activation == "softmax" else logits.sigmoid()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    plain_predictions = predictions(views[0])
+    return (predictions(views.mean(axis=0)) if loaded.tta else plain_predictions), plain_predictions
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------
@@ -284,9 +149,15 @@ class RunEvaluation:
         return self.paths["html"]
 
 
-def default_out_dir(loaded: LoadedModel, split: str) -> Path:
+def default_out_dir(
+    loaded: LoadedModel, split: str, method: str = "youden", sensitivity: float = 0.9
+) -> Path:
+    """``RUN/evaluation/<split>-<checkpoint>``, with ``-<method>`` when operating points are chosen on
+    validation by another method than Youden's (a second method never replaces the first report)."""
     if loaded.kind == "run":
-        return loaded.path / EVALUATION_DIR / f"{split}-{loaded.checkpoint}"
+        suffix = "" if method == "youden" or loaded.operating_points is not None else f"-{method}"
+        suffix += f"{sensitivity:g}" if suffix == "-sensitivity" else ""
+        return loaded.path / EVALUATION_DIR / f"{split}-{loaded.checkpoint}{suffix}"
     return loaded.path.parent / f"{loaded.path.stem}-{EVALUATION_DIR}" / split
 
 
@@ -306,6 +177,7 @@ def run_evaluation(
     n_examples: int = 12,
     seed: int = 0,
     progress: bool = True,
+    backend: str = "auto",
 ) -> RunEvaluation:
     """Evaluate a run directory or bundle on ``split`` (see the module docstring for every step)."""
     if threshold_method not in THRESHOLD_METHODS:
@@ -314,7 +186,7 @@ def run_evaluation(
         raise ValueError(f"temperature must be one of {TEMPERATURE_MODES}, got {temperature!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    loaded = load_model(path, checkpoint, config)
+    loaded = load_model(path, checkpoint, config, backend)
     cache = open_data(loaded)
     batch_size = batch_size or int(loaded.config.data.loader.batch_size)
     evaluated_rows = split_rows(cache, split)
@@ -326,14 +198,16 @@ def run_evaluation(
     val, val_plain = _validation(loaded, cache, options)
     test, _ = predict_rows(loaded, cache, evaluated_rows, desc=f"predict {split}", **options)
 
-    out_dir = Path(out) if out is not None else default_out_dir(loaded, split)
+    default = default_out_dir(loaded, split, threshold_method, target_sensitivity)
+    out_dir = Path(out) if out is not None else default
     points = loaded.operating_points
     if points is None and val is not None:
         points = OperatingPoints.fit(val, threshold_method, target_sensitivity, source="val")
     if temperature != "none" and val is None:
         raise ValueError("temperature scaling is fitted on the validation split, which has no images")
     frame = cache.manifest.frame
-    leakage = check_patient_leakage(frame["patient_id"], frame["split"])
+    trained = training_patients(loaded.path) if loaded.kind == "run" else None
+    leakage = check_patient_leakage(frame["patient_id"], frame["split"], trained)
     result = evaluate(
         test,
         val,
@@ -348,6 +222,7 @@ def run_evaluation(
         {
             "model": str(loaded.path),
             "model_kind": loaded.kind,
+            "backend": loaded.backend,
             "checkpoint": loaded.checkpoint,
             "split": split,
             "tta": loaded.tta,
@@ -367,7 +242,7 @@ def run_evaluation(
     paths["predictions"] = test.save(out_dir / PREDICTIONS_FILE)
     if val is not None:
         paths["val_predictions"] = val.save(out_dir / VAL_PREDICTIONS_FILE)
-    if loaded.kind == "run" and val_plain is not None:
+    if loaded.kind == "run" and val_plain is not None and config is None:  # -c other data: report only
         plain_points = points if val_plain is val else None
         paths["run_thresholds"] = save_run_thresholds(
             loaded, val_plain, threshold_method, target_sensitivity, plain_points
@@ -404,17 +279,19 @@ def save_run_thresholds(
 ) -> Path:
     """Write ``RUN_DIR/thresholds.json`` for ``cxr export``: ``points`` when already fitted on ``val_plain``,
     else operating points fitted on the plain (single-view) validation scores now."""
+    from cxrkit.training.run import checkpoint_path
+
     if points is None:
         points = OperatingPoints.fit(val_plain, method, target_sensitivity, source="val")
     points = OperatingPoints.from_dict(points.to_dict())  # a copy: the report keeps its own provenance
     points.extra = {
         "run": loaded.name,
-        "checkpoint": loaded.checkpoint,
         "scores": "single view, no test-time augmentation (as an exported bundle predicts)",
         "written_by": "cxr evaluate",
+        **fitted_on(loaded.path, checkpoint_path(loaded.path, loaded.checkpoint)),
     }
     path = points.save(loaded.path / THRESHOLDS_FILE)
-    log.info("operating points for `cxr export` saved to %s", path)
+    log.debug("operating points for `cxr export` saved to %s", path)  # `cxr evaluate` prints the path
     return path
 
 

@@ -5,9 +5,18 @@ Subgroups come from the predictions' metadata columns ``sex``, ``age`` (binned i
 is bootstrapped over its own patients. The ``macro`` AUROC of a group averages the labels that are defined in
 every group of the attribute, so groups are compared on the same findings.
 
-For each attribute and label the gap is best minus worst group AUROC; its interval pairs the independent
+For each attribute and label the gap is best minus worst group AUROC. Its interval pairs the independent
 replicates of the two groups (exact for disjoint groups such as sex or age band, approximate for views where
-a patient can have both). The largest macro gap over all attributes is flagged.
+a patient can have both); it describes the size of that gap but, since the pair was chosen *because* it is
+the most different, it is not a test. Whether a gap is real is decided by a permutation test of the gap
+statistic itself (max minus min group AUROC over all usable groups of the attribute): group labels are
+shuffled among patients (among images when a patient's images fall in several groups, e.g. views), which
+keeps group sizes, and the p-value is the share of shufflings with a gap at least as large,
+``(1 + #{gap* >= gap}) / (1 + n)``. The selection of the best and worst group is thus part of the null
+distribution. Across all gaps of a result (every attribute and finding, and the means) the p-values are
+adjusted with Benjamini-Hochberg (``scipy.stats.false_discovery_control``); a gap is ``significant`` when its
+adjusted p-value is below ``1 - level``. On null data this flags about ``1 - level`` of the analyses (see
+``test_subgroup_null_rate``). The largest macro gap over all attributes is marked ``largest``.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import false_discovery_control
 
 from cxrkit.evaluation import bootstrap as bs
-from cxrkit.evaluation.metrics import MACRO, Predictions, auroc
+from cxrkit.evaluation.metrics import MACRO, Predictions, mean_label_mask
 
 AGE_EDGES: tuple[float, ...] = (40, 60, 80)
 ATTRIBUTES: tuple[str, ...] = ("sex", "age", "view")
@@ -54,7 +64,8 @@ def subgroup_values(
 @dataclass
 class SubgroupResult:
     """``table``: one row per attribute, group and label (labels + ``macro``) with AUROC and interval;
-    ``gaps``: best-minus-worst group per attribute and label, the largest macro gap flagged."""
+    ``gaps``: best-minus-worst group per attribute and label with the permutation p-value, its
+    Benjamini-Hochberg adjustment and ``significant``; the largest macro gap flagged."""
 
     table: pd.DataFrame
     gaps: pd.DataFrame
@@ -68,11 +79,13 @@ class SubgroupResult:
         row = self.largest_gap
         if row is None:
             return "No subgroup comparison possible (no sex, age or view metadata with two usable groups)."
-        interval = f"95% CI {row['gap_low']:.3f} to {row['gap_high']:.3f}"
+        interval = f"interval {row['gap_low']:.3f} to {row['gap_high']:.3f}"
+        verdict = "significant" if row["significant"] else "not significant"
         return (
             f"Largest subgroup gap: {row['attribute']} — macro AUROC {row['best_auroc']:.3f} in "
             f"{row['best_group']} vs {row['worst_auroc']:.3f} in {row['worst_group']} "
-            f"(gap {row['gap']:.3f}, {interval})."
+            f"(gap {row['gap']:.3f}, {interval}; permutation p {row['p_value']:.3g}, "
+            f"adjusted {row['p_adjusted']:.3g}: {verdict})."
         )
 
 
@@ -81,13 +94,15 @@ def analyse_subgroups(
     attributes: Sequence[str] = ATTRIBUTES,
     *,
     n_replicates: int = 1000,
+    n_permutations: int = 1000,
     level: float = 0.95,
     seed: int = 0,
     min_patients: int = 10,
     age_edges: Sequence[float] = AGE_EDGES,
     progress: bool = False,
 ) -> SubgroupResult:
-    """AUROC with patient-bootstrap intervals per subgroup, and the gaps between groups."""
+    """AUROC with patient-bootstrap intervals per subgroup, and the gaps between groups with
+    selection-corrected permutation p-values, adjusted across all gaps."""
     tables, gaps = [], []
     if pred.metadata is None:
         return SubgroupResult(_empty_table(), _empty_gaps())
@@ -102,11 +117,17 @@ def analyse_subgroups(
             per_group[group] = _group_auroc(subset, min_patients, n_replicates, seed + 1000 * a + g, progress)
         common = _common_labels(per_group, pred.labels)
         tables.append(_attribute_table(attribute, per_group, pred.labels, common, level))
-        gaps.append(_attribute_gaps(attribute, per_group, pred.labels, common, level))
+        null = _null_gaps(pred, values, per_group, common, n_permutations, seed + 1000 * a + 999, progress)
+        gaps.append(_attribute_gaps(attribute, per_group, pred.labels, common, level, null))
     if not tables:
         return SubgroupResult(_empty_table(), _empty_gaps())
     table = pd.concat(tables, ignore_index=True)
     gap_table = pd.concat(gaps, ignore_index=True)
+    tested = gap_table["p_value"].notna()
+    gap_table["p_adjusted"] = np.nan
+    if tested.any():
+        gap_table.loc[tested, "p_adjusted"] = false_discovery_control(gap_table.loc[tested, "p_value"])
+    gap_table["significant"] = (gap_table["p_adjusted"] < 1 - level).to_numpy()
     gap_table["largest"] = False
     macro = gap_table[(gap_table["label"] == MACRO) & gap_table["gap"].notna()]
     if len(macro):
@@ -137,29 +158,77 @@ def _group_auroc(
             np.full(n_labels, np.nan),
             np.full((n_replicates, n_labels), np.nan),
         )
-    point = np.array([auroc(subset.y_true[:, j], subset.y_score[:, j]) for j in range(n_labels)])
     resampler = bs.Resampler(subset.patient_ids, n_replicates, seed)
-    samples = bs.run(
-        resampler, {"auroc": bs.auroc_statistic(subset.y_true, subset.y_score, resampler)}, progress
-    )["auroc"]
+    statistic = bs.auroc_statistic(subset.y_true, subset.y_score, resampler)
+    point = statistic(np.ones((resampler.n_units, 1), dtype=np.float32))[0]  # every patient once
+    samples = bs.run(resampler, {"auroc": statistic}, progress)["auroc"]
     return _Group(len(subset), n_patients, n_pos, point, samples)
 
 
 def _common_labels(per_group: dict[str, _Group], labels: list[str]) -> np.ndarray:
+    """The findings the group means average: counted in the mean and defined in every usable group."""
     usable = [g for g in per_group.values() if np.isfinite(g.point).any()]
     if len(usable) < 2:
         return np.zeros(len(labels), dtype=bool)
-    return np.all([np.isfinite(g.point) for g in usable], axis=0)
+    return np.all([np.isfinite(g.point) for g in usable], axis=0) & mean_label_mask(labels)
 
 
 def _macro(values: np.ndarray, common: np.ndarray) -> np.ndarray:
-    """Mean over the common labels along the last axis (NaN when none is common or values are missing)."""
+    """Mean over the common labels along the last axis; NaN where one of them is undefined (a replicate
+    never averages fewer findings) or none is common."""
     if not common.any():
         return np.full(values.shape[:-1], np.nan)
-    chosen = values[..., common]
-    finite = np.isfinite(chosen)
-    total = np.where(finite, chosen, 0).sum(axis=-1)
-    return np.divide(total, finite.sum(axis=-1), out=np.full(total.shape, np.nan), where=finite.any(axis=-1))
+    return values[..., common].mean(axis=-1)
+
+
+def _null_gaps(
+    pred: Predictions,
+    values: np.ndarray,
+    per_group: dict[str, _Group],
+    common: np.ndarray,
+    n_permutations: int,
+    seed: int,
+    progress: bool,
+) -> np.ndarray:
+    """Gap (max minus min AUROC over the usable groups) of every label and the macro mean under random
+    relabellings of the groups: (n_permutations, n_labels + 1), NaN where fewer than two groups are defined.
+
+    Rows of unknown group are left out. Group labels are shuffled among patients when each patient belongs to
+    one group, otherwise among images."""
+    names = list(per_group)
+    usable = np.array([np.isfinite(group.point).any() for group in per_group.values()])
+    if usable.sum() < 2:
+        return np.full((n_permutations, len(pred.labels) + 1), np.nan)
+    known = np.isin(values, names)
+    subset, codes = pred.subset(known), pd.Index(names).get_indexer(values[known])
+    patients = subset.patient_ids
+    one_group_each = pd.Series(codes).groupby(patients).nunique().max() == 1
+    units = patients if one_group_each else np.arange(len(subset))
+    index, uniques = pd.factorize(units, sort=True)
+    unit_groups = np.zeros(len(uniques), dtype=np.int64)
+    unit_groups[index] = codes
+    permutations = bs.GroupPermutations(units, unit_groups, n_permutations, seed)
+    statistic = bs.auroc_statistic(subset.y_true, subset.y_score, permutations)
+    samples = bs.run(permutations, {"auroc": statistic}, progress)["auroc"]
+    samples = samples.reshape(n_permutations, len(names), -1)  # (permutation, group, label)
+    samples = np.concatenate([samples, _macro(samples, common)[..., None]], axis=-1)
+    return _spread(samples[:, usable])
+
+
+def _spread(values: np.ndarray) -> np.ndarray:
+    """Max minus min over axis 1, ignoring NaN; NaN where fewer than two values are finite."""
+    finite = np.isfinite(values)
+    high = np.where(finite, values, -np.inf).max(axis=1)
+    low = np.where(finite, values, np.inf).min(axis=1)
+    return np.where(finite.sum(axis=1) >= 2, high - low, np.nan)
+
+
+def _permutation_p(observed: float, null: np.ndarray) -> float:
+    """``(1 + #{null >= observed}) / (1 + n)`` over the defined null values (a tolerance absorbs rounding)."""
+    null = null[np.isfinite(null)]
+    if null.size == 0:
+        return float("nan")
+    return float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + null.size))
 
 
 def _with_macro(group: _Group, common: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +262,12 @@ def _attribute_table(
 
 
 def _attribute_gaps(
-    attribute: str, per_group: dict[str, _Group], labels: list[str], common: np.ndarray, level: float
+    attribute: str,
+    per_group: dict[str, _Group],
+    labels: list[str],
+    common: np.ndarray,
+    level: float,
+    null: np.ndarray,
 ) -> pd.DataFrame:
     with_macro = {name: _with_macro(group, common) for name, group in per_group.items()}
     rows = []
@@ -216,10 +290,10 @@ def _attribute_gaps(
                 "gap": points[best] - points[worst],
                 "gap_low": low[0],
                 "gap_high": high[0],
-                "significant": bool(low[0] > 0),
+                "p_value": _permutation_p(points[best] - points[worst], null[:, j]),
             }
         )
-    return pd.DataFrame(rows, columns=_GAP_COLUMNS[:-1])
+    return pd.DataFrame(rows, columns=_GAP_COLUMNS[: _GAP_COLUMNS.index("p_value") + 1])
 
 
 def _ordered_groups(values: np.ndarray, attribute: str, age_edges: Sequence[float]) -> list[str]:
@@ -253,6 +327,8 @@ _GAP_COLUMNS = [
     "gap",
     "gap_low",
     "gap_high",
+    "p_value",
+    "p_adjusted",
     "significant",
     "largest",
 ]

@@ -3,6 +3,14 @@
 Boxes are float arrays of shape ``[N, 4]`` in ``(x0, y0, x1, y1)`` form, in continuous pixel coordinates where
 pixel ``(i, j)`` covers ``[j, j + 1) x [i, i + 1)``; so a box covering columns 10..19 is ``x0=10, x1=20``.
 NIH gives ``(x, y, w, h)``, which is ``(x, y, x + w, y + h)`` here.
+
+NIH boxes are in the pixels of the 1024 x 1024 release images (:data:`NIH_BOX_FRAME`). Data_Entry's
+``OriginalImage[Width`` / ``Height]`` columns give the size of the scan before NIH resized it to 1024²
+(without keeping the aspect ratio), so the release image, the original scan and any downscaled copy
+(e.g. 224² or 512² re-encodings) all show the same field: :func:`boxes_to_image` rescales the boxes to the
+size of the file actually read.
+
+This module holds the one reader of the NIH box file (:func:`read_nih_boxes`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from cxrkit.data.labels import canonical
 
 #: Columns of the NIH file as pandas reads it: the header ``Bbox [x,y,w,h]`` is split by its commas.
 NIH_BOX_COLUMNS: tuple[str, ...] = ("Bbox [x", "y", "w", "h]")
+#: (height, width) of the images NIH's box coordinates refer to.
+NIH_BOX_FRAME: tuple[int, int] = (1024, 1024)
 #: Columns of :func:`read_nih_boxes`.
 BOX_TABLE_COLUMNS: tuple[str, ...] = ("image", "finding", "x0", "y0", "x1", "y1")
 
@@ -55,6 +65,15 @@ def clip_boxes(boxes: np.ndarray | list, height: float, width: float) -> np.ndar
     array[:, [0, 2]] = np.clip(array[:, [0, 2]], 0, width)
     array[:, [1, 3]] = np.clip(array[:, [1, 3]], 0, height)
     return array[box_area(array) > 0]
+
+
+def boxes_to_image(
+    boxes: np.ndarray | list, image_shape: tuple[int, ...], frame: tuple[int, int] = NIH_BOX_FRAME
+) -> np.ndarray:
+    """Boxes given on a ``frame`` (height, width) image, rescaled to a resized copy of ``image_shape``."""
+    height, width = image_shape[:2]
+    scale = np.array([width / frame[1], height / frame[0]] * 2)
+    return as_boxes(boxes) * scale
 
 
 def intersection(pred: np.ndarray | list, gt: np.ndarray | list) -> np.ndarray:

@@ -24,6 +24,7 @@ from pytorch_grad_cam.base_cam import BaseCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
+from cxrkit.inference.runner import activate
 from cxrkit.models.factory import CXRModel, cam_reshape_transform, cam_target_layer
 
 #: pytorch-grad-cam methods by cxrkit name. All share the (model, target_layers, reshape_transform) signature.
@@ -57,7 +58,7 @@ class Explanation:
 
     heatmaps: Tensor  #: [B, n, H, W] float32 in [0, 1]
     targets: Tensor  #: [B, n] int64 label index explained by each map
-    probabilities: Tensor  #: [B, n] sigmoid of the explained logit
+    probabilities: Tensor  #: [B, n] probability of the explained label (the model's activation)
     method: str
     target_layer: str
 
@@ -160,6 +161,7 @@ def explain(
     *,
     aug_smooth: bool = False,
     eigen_smooth: bool = False,
+    activation: str = "sigmoid",
 ) -> Explanation:
     """Explain ``images`` (float ``[B, 1, H, W]`` in [0, 1], as the model takes them) with a CAM ``method``.
 
@@ -168,7 +170,8 @@ def explain(
     The batch goes through the network once per target slot; gradients are taken with respect to the target
     layer's activations only (parameter gradients are not computed, which makes the backward pass cheap).
     ``aug_smooth`` averages over flip/brightness test-time augmentation; ``eigen_smooth`` keeps the first
-    principal component. The model is put in eval mode for the call and restored afterwards.
+    principal component. ``activation`` (the model's, :func:`cxrkit.inference.runner.activate`) turns the
+    logits into the returned probabilities. The model is put in eval mode for the call and restored after.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
@@ -206,7 +209,7 @@ def explain(
                 model.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
-    probabilities = torch.sigmoid(logits.float().cpu()).gather(1, chosen)
+    probabilities = activate(logits.float().cpu(), activation).gather(1, chosen)
     heatmaps = torch.from_numpy(np.clip(np.stack(maps, axis=1), 0.0, 1.0).astype(np.float32))
     return Explanation(heatmaps, chosen, probabilities, name, layer_name)
 

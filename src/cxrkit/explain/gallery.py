@@ -3,9 +3,10 @@
 >>> run = explain_files(model, labels, paths, "runs/x/explain", preprocess=bundle.preprocess)
 >>> write_report(run)                      # runs/x/explain/report.html (+ report.md)
 
-Each image goes through the training preprocessing of a bundle's
-:class:`~cxrkit.inference.bundle.PreprocessSpec` (:func:`cxrkit.data.decode.read_image`, the cache resize,
-the evaluation transform), then :func:`cxrkit.explain.cam.explain`.
+Each image goes through the training preprocessing of a :class:`~cxrkit.data.transforms.PreprocessSpec`
+(:func:`cxrkit.inference.runner.prepare_image`: decode and cache resize; then the evaluation transform), then
+:func:`cxrkit.explain.cam.explain`; maps and boxes return to the original image through
+:class:`~cxrkit.data.transforms.InputGeometry`.
 For every (image, explained label) ``out_dir`` gets:
 
 * ``heatmaps/<image>__<label>.npy``: the raw float32 map at model-input resolution, values in [0, 1];
@@ -37,21 +38,21 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
-from cxrkit.data.decode import ImageDecodeError, read_image
-from cxrkit.explain.boxes import clip_boxes, group_boxes, iobb, iou
+from cxrkit.data.transforms import InputGeometry, PreprocessSpec
+from cxrkit.explain.boxes import boxes_to_image, group_boxes, iobb, iou
 from cxrkit.explain.cam import CLASS_AGNOSTIC, explain
 from cxrkit.explain.localize import (
     BoxParams,
-    InputGeometry,
     LocalizationCase,
     LocalizationScores,
+    boxes_per_threshold,
     heatmap_peak,
-    heatmap_to_boxes,
+    original_boxes,
     point_in_boxes,
     score_localization,
 )
-from cxrkit.inference.bundle import PreprocessSpec
 from cxrkit.inference.predictor import blend_heatmap
+from cxrkit.inference.runner import prepare_image
 from cxrkit.reporting.html import Report
 
 TargetSpec = Literal["topk", "annotated"] | Sequence[str]
@@ -120,6 +121,7 @@ def explain_files(
     out_dir: str | Path,
     *,
     preprocess: PreprocessSpec,
+    activation: str = "sigmoid",
     targets: TargetSpec = "topk",
     k: int = 3,
     method: str = "gradcam",
@@ -132,10 +134,11 @@ def explain_files(
 ) -> ExplainRun:
     """Explain every file of ``paths`` and write heatmaps, overlays and ``explanations.csv`` to ``out_dir``.
 
-    ``labels`` names the model outputs in order. ``targets``: ``"topk"`` (each image's ``k`` most likely
-    findings), label names explained in every image, or ``"annotated"`` (each image's findings in ``boxes``,
-    a :func:`cxrkit.explain.boxes.read_nih_boxes` table matched on the file name). With ``boxes``, every
-    explained (image, label) that has ground truth is scored (``run.localization``). ``box_params``: how
+    ``labels`` names the model outputs in order; ``activation`` (the model's) turns logits into probabilities.
+    ``targets``: ``"topk"`` (each image's ``k`` most likely findings), label names explained in every image,
+    or ``"annotated"`` (each image's findings in ``boxes``, a :func:`cxrkit.explain.boxes.read_nih_boxes`
+    table matched on the file name). With ``boxes``, every explained (image, label) that has ground truth is
+    scored (``run.localization``). ``box_params``: how
     heatmaps become boxes (:class:`~cxrkit.explain.localize.BoxParams`).
     """
     labels, out_dir, box_params = list(labels), Path(out_dir), box_params or BoxParams()
@@ -152,7 +155,9 @@ def explain_files(
             continue
         images = torch.from_numpy(preprocess.model_input(np.stack([p.cache_image for p in prepared])))
         wanted = "topk" if prepared[0].item.targets is None else [p.item.targets for p in prepared]
-        result = explain(model, images, wanted, method=method, k=k, target_layer=target_layer)
+        result = explain(
+            model, images, wanted, method=method, k=k, target_layer=target_layer, activation=activation
+        )
         method_name, layer_name = result.method, result.target_layer
         for index, entry in enumerate(prepared):
             for slot, label_index in enumerate(result.targets[index].tolist()):
@@ -239,16 +244,13 @@ def _prepare_batch(
 ) -> list[_Prepared]:
     prepared = []
     for item in batch:
-        try:
-            image = read_image(item.path)
-            cache_image, cache_geometry = spec.cache_image(image)
-        except ImageDecodeError as error:
-            failures.append((item.path, error.reason))
+        entry = prepare_image(item.path, item.path, spec, keep_image=True)
+        if entry.error is not None:
+            failures.append((item.path, entry.error))
             continue
-        except ValueError as error:  # an image the cache geometry cannot resize
-            failures.append((item.path, str(error)))
-            continue
-        prepared.append(_Prepared(item, image, InputGeometry.from_spec(cache_geometry, spec), cache_image))
+        assert entry.image is not None and entry.cache_image is not None and entry.geometry is not None
+        geometry = spec.input_geometry(entry.geometry)
+        prepared.append(_Prepared(item, entry.image, geometry, entry.cache_image))
     return prepared
 
 
@@ -266,8 +268,8 @@ def _explain_one(
     base = f"{entry.item.stem}__{_slug(label)}"
     heatmap_file, overlay_file = f"heatmaps/{base}.npy", f"overlays/{base}.png"
     np.save(out_dir / heatmap_file, heatmap.astype(np.float32))
-    model_boxes = heatmap_to_boxes(heatmap, box_params).boxes
-    pred_boxes = clip_boxes(geometry.to_original_boxes(model_boxes), *entry.image.shape)
+    pred_boxes = original_boxes(heatmap, geometry, entry.image.shape, box_params)
+    gt_boxes = None if gt_boxes is None else boxes_to_image(gt_boxes, entry.image.shape)
     peak = heatmap_peak(heatmap)
     peak = geometry.to_original_point(peak) if peak is not None else None
     blended = blend_heatmap(entry.image, geometry.heatmap_to_original(heatmap))
@@ -296,7 +298,8 @@ def _explain_one(
         row["best_iou"] = float(iou(pred_boxes, gt_boxes).max())
         row["best_iobb"] = float(iobb(pred_boxes, gt_boxes).max())
     row["pointing_hit"] = point_in_boxes(peak, gt_boxes)
-    return row, LocalizationCase(entry.item.name, label, gt_boxes, pred_boxes, peak), overlay
+    scored = boxes_per_threshold(heatmap, geometry, entry.image.shape, box_params)
+    return row, LocalizationCase(entry.item.name, label, gt_boxes, scored, peak), overlay
 
 
 def draw_boxes(rgb: np.ndarray, pred_boxes: np.ndarray, gt_boxes: np.ndarray | None = None) -> np.ndarray:

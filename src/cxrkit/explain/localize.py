@@ -1,138 +1,62 @@
 """Weakly supervised localisation: heatmaps to boxes, and scoring against NIH ``BBox_List_2017``.
 
-Boxes come from a heatmap as in Wang et al. 2017 (ChestX-ray8, Sec. 5.2): threshold the map, label its
-connected components, and draw one box around each component. The paper min-max normalises maps to [0, 255]
-and thresholds at 60 and 180; cxrkit maps are already min-max normalised to [0, 1], so ``threshold`` is a
-fraction of the maximum (0.235 and 0.706 reproduce the paper's two settings).
+Follows Wang et al. 2017 (ChestX-ray8, CVPR, Sec. 5.2 and the localisation table), per finding, over the
+images that have a ground-truth box of that finding, using the heatmap of that finding's output whatever the
+predicted probability:
 
-Scoring follows the paper's Table 4, per finding, over the images that have a ground-truth box of that
-finding, using the heatmap of that finding's output (whatever the predicted probability):
+* **Boxes from a heatmap**: min-max normalise the map (the paper to [0, 255]), keep the pixels at or above a
+  threshold, label the connected components and draw one box around each. The paper thresholds at 60 and at
+  180 of 255; both are scored by default (:data:`WANG_HEATMAP_THRESHOLDS`), each as its own set of detections.
+* **Accuracy at T**: an image is correctly localised when *at least one* box has IoBB > T (or IoU > T) with a
+  ground-truth box of the finding (strict ``>``). IoBB is the intersection over the *detected* box area
+  (:func:`cxrkit.explain.boxes.iobb`). Thresholds as in the paper's table (:data:`WANG_OVERLAP_THRESHOLDS`):
+  T(IoBB) in {0.1, 0.25, 0.5, 0.75, 0.9} and T(IoU) in {0.1, 0.2, ..., 0.7}.
+* **AFP at T** (average false positives): boxes whose IoBB (IoU) with every ground-truth box of the finding
+  is <= T, summed over the images and divided by their number. An image with no box is a miss with no false
+  positive.
+* **Pointing game** (Zhang et al. 2016, not in Wang et al.): a hit when the heatmap's maximum (first maximum
+  in raster order, at its pixel centre, mapped to original coordinates) falls inside a ground-truth box,
+  optionally grown by ``tolerance`` pixels. A constant heatmap has no maximum and counts as a miss.
 
-* **Accuracy at T** (IoU or IoBB): an image counts as correctly localised when *at least one* predicted
-  box has IoU > T (or IoBB > T) with a ground-truth box of the finding (strict ``>``, as in the paper). IoBB
-  is the intersection over the *detected* box area (:func:`cxrkit.explain.boxes.iobb`). Table 4 reports
-  both criteria for T in {0.1, 0.25, 0.5, 0.75, 0.9}; so does :meth:`LocalizationScores.table`.
-* **AFP at T** (average false positives): predicted boxes whose IoU (IoBB) with every ground-truth box of
-  the finding is <= T, summed over the images and divided by their number. An image with no predicted box is
-  a miss with no false positive.
-* **Pointing game** (Zhang et al. 2016): a hit when the heatmap's maximum (first maximum in raster order,
-  at its pixel centre, mapped to original coordinates) falls inside a ground-truth box, optionally grown by
-  ``tolerance`` pixels. A constant heatmap has no maximum and counts as a miss.
+Ground-truth boxes are in the pixels of NIH's 1024² release images; boxes from a heatmap are mapped to the
+pixels of the image file actually read, and the ground truth is rescaled to that file's size
+(:func:`cxrkit.explain.boxes.boxes_to_image`), so downscaled copies score like the originals.
+
+Where cxrkit differs from the paper: the heatmap comes from CAM/Grad-CAM of the chosen network at its input
+resolution (the paper: its own transition-layer heatmap, 32 x 32 up-sampled); the paper's text does not say
+whether its table pools the boxes of both thresholds, so each threshold is reported separately; component
+boxes are exact pixel extents (no smoothing); images whose file is missing or unreadable are skipped and
+listed, not counted as misses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from scipy import ndimage
 
-from cxrkit.data.cache import Geometry
-from cxrkit.explain.boxes import as_boxes, iobb, iou, xywh_to_xyxy, xyxy_to_xywh
-from cxrkit.inference.bundle import EVAL_MODES, PreprocessSpec
+from cxrkit.data.transforms import InputGeometry
+from cxrkit.explain.boxes import as_boxes, clip_boxes, iobb, iou
 
-#: Overlap thresholds of Wang et al. 2017, Table 4.
-WANG_THRESHOLDS: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)
+#: Heatmap thresholds of Wang et al. 2017: 60 and 180 on the map min-max normalised to [0, 255].
+WANG_HEATMAP_THRESHOLDS: tuple[float, ...] = (60 / 255, 180 / 255)
+#: Overlap thresholds of the paper's localisation table, per criterion.
+WANG_OVERLAP_THRESHOLDS: dict[str, tuple[float, ...]] = {
+    "IoBB": (0.1, 0.25, 0.5, 0.75, 0.9),
+    "IoU": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+}
 CRITERIA = {"IoU": iou, "IoBB": iobb}
 
 
 @dataclass(frozen=True)
-class InputGeometry:
-    """Where an original image sits in the model input: the cache resize (:class:`cxrkit.data.cache.Geometry`)
-    then the evaluation transform to ``input_size`` (``resize`` of the whole cache image, or ``center_crop``).
-
-    Coordinates are continuous pixel coordinates (pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``), so a box
-    maps exactly: no rounding happens between spaces.
-    """
-
-    cache: Geometry
-    input_size: int
-    mode: str = "resize"
-
-    def __post_init__(self) -> None:
-        if self.mode not in EVAL_MODES:
-            raise ValueError(f"eval mode must be one of {EVAL_MODES}, got {self.mode!r}")
-        if self.mode == "center_crop" and self.input_size > self.cache.size:
-            raise ValueError(f"cannot centre-crop {self.input_size} from a {self.cache.size} cache image")
-
-    @classmethod
-    def fit(
-        cls,
-        height: int,
-        width: int,
-        image_size: int,
-        resize_policy: str,
-        input_size: int,
-        mode: str = "resize",
-    ) -> InputGeometry:
-        """The geometry of a ``height x width`` original under a cache ``image_size``/``resize_policy``."""
-        return cls(Geometry.fit(height, width, image_size, resize_policy), input_size, mode)
-
-    @classmethod
-    def from_spec(cls, cache: Geometry, spec: PreprocessSpec) -> InputGeometry:
-        """The geometry of a bundle's preprocessing (cache resize, then ``eval_mode`` to ``crop_size``)."""
-        return cls(cache, spec.crop_size, spec.eval_mode)
-
-    @property
-    def _ratio(self) -> float:
-        """Model-input pixels per cache pixel."""
-        return self.input_size / self.cache.size if self.mode == "resize" else 1.0
-
-    @property
-    def _offset(self) -> int:
-        """Cache pixels cut from the top/left by the centre crop (the offset of ``eval_transform``)."""
-        return (self.cache.size - self.input_size) // 2 if self.mode == "center_crop" else 0
-
-    def to_original_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """Model-input ``[N, 4]`` xyxy boxes to original pixel coordinates (through the cache geometry)."""
-        cache_boxes = as_boxes(boxes) / self._ratio + self._offset
-        mapped = [self.cache.to_original_box(*box) for box in xyxy_to_xywh(cache_boxes)]
-        return xywh_to_xyxy(np.asarray(mapped, dtype=np.float64).reshape(-1, 4))
-
-    def to_input_boxes(self, boxes: np.ndarray) -> np.ndarray:
-        """Original ``[N, 4]`` xyxy boxes to model-input pixels (inverse of :meth:`to_original_boxes`)."""
-        mapped = [self.cache.to_cache_box(*box) for box in xyxy_to_xywh(boxes)]
-        cache_boxes = xywh_to_xyxy(np.asarray(mapped, dtype=np.float64).reshape(-1, 4))
-        return (cache_boxes - self._offset) * self._ratio
-
-    def to_original_point(self, point: tuple[float, float]) -> tuple[float, float]:
-        x, y = point
-        return self.cache.to_original_point(x / self._ratio + self._offset, y / self._ratio + self._offset)
-
-    def heatmap_to_original(
-        self, heatmap: np.ndarray, out_shape: tuple[int, int] | None = None
-    ) -> np.ndarray:
-        """Resample a model-input heatmap onto the original image grid (or an ``out_shape`` view of it),
-        bilinear at pixel centres; parts of the original the model never saw (cropped margins) get 0."""
-        heatmap = _as_map(heatmap).astype(np.float32)
-        if heatmap.shape != (self.input_size, self.input_size):
-            raise ValueError(f"heatmap shape {heatmap.shape} is not the model input {self.input_size}²")
-        out_h, out_w = out_shape or (self.cache.orig_height, self.cache.orig_width)
-        zoom_x, zoom_y = out_w / self.cache.orig_width, out_h / self.cache.orig_height
-        ratio, offset = self._ratio, self._offset
-        # output x -> original x / zoom -> cache x * scale + shift -> input (cache - offset) * ratio
-        coefficients = (
-            self.cache.scale_x * ratio / zoom_x,
-            0.0,
-            (self.cache.shift_x - offset) * ratio,
-            0.0,
-            self.cache.scale_y * ratio / zoom_y,
-            (self.cache.shift_y - offset) * ratio,
-        )
-        mapped = Image.fromarray(heatmap).transform(
-            (out_w, out_h), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR
-        )
-        return np.clip(np.asarray(mapped, dtype=np.float32), 0.0, 1.0)
-
-
-@dataclass(frozen=True)
 class BoxParams:
-    """How a heatmap becomes boxes: keep pixels >= ``threshold`` x max, one box per connected component
-    (``connectivity`` 1: edge neighbours, 2: also diagonal), drop components smaller than ``min_area``
-    (a fraction of the heatmap's area), keep at most ``max_boxes`` (highest peak first; None keeps all)."""
+    """How a heatmap becomes boxes: keep pixels >= ``min + threshold x (max - min)`` (``threshold`` on the
+    min-max normalised map), one box per connected component (``connectivity`` 1: edge neighbours, 2: also
+    diagonal), drop components smaller than ``min_area`` (a fraction of the heatmap's area), keep at most
+    ``max_boxes`` (highest peak first; None keeps all)."""
 
     threshold: float = 0.5
     min_area: float = 0.0
@@ -141,7 +65,7 @@ class BoxParams:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"box threshold: a fraction of the heatmap max in (0, 1], got {self.threshold}")
+            raise ValueError(f"box threshold: a share of the heatmap range in (0, 1], got {self.threshold}")
         if not 0.0 <= self.min_area < 1.0:
             raise ValueError(f"min_area: a fraction of the heatmap area in [0, 1), got {self.min_area}")
         if self.connectivity not in (1, 2):
@@ -157,13 +81,14 @@ class HeatmapBoxes:
 
 
 def heatmap_to_boxes(heatmap: np.ndarray, params: BoxParams | None = None) -> HeatmapBoxes:
-    """Boxes around the connected components of ``heatmap >= threshold * max``, highest peak first."""
+    """Boxes around the connected components of the min-max normalised map at or above ``threshold``,
+    highest peak first; none for a constant (or non-finite) map."""
     params = params or BoxParams()
     heatmap = _as_map(heatmap)
-    peak = float(heatmap.max())
-    if peak <= 0.0 or not np.isfinite(peak):
+    peak, floor = float(heatmap.max()), float(heatmap.min())
+    if not (np.isfinite(peak) and np.isfinite(floor)) or peak <= floor:
         return HeatmapBoxes(np.zeros((0, 4)), np.zeros(0))
-    mask = heatmap >= params.threshold * peak
+    mask = heatmap >= floor + params.threshold * (peak - floor)
     structure = ndimage.generate_binary_structure(2, params.connectivity)
     components, count = ndimage.label(mask, structure=structure)
     index = np.arange(1, count + 1)
@@ -205,14 +130,38 @@ def point_in_boxes(point: tuple[float, float] | None, boxes: np.ndarray, toleran
     return bool(inside.any())
 
 
+def original_boxes(
+    heatmap: np.ndarray, geometry: InputGeometry, image_shape: tuple[int, ...], params: BoxParams
+) -> np.ndarray:
+    """Boxes of a model-input ``heatmap`` in the pixels of the original image, clipped to it."""
+    boxes = heatmap_to_boxes(heatmap, params).boxes
+    return clip_boxes(geometry.to_original_boxes(boxes), *image_shape[:2])
+
+
+def boxes_per_threshold(
+    heatmap: np.ndarray,
+    geometry: InputGeometry,
+    image_shape: tuple[int, ...],
+    params: BoxParams | None = None,
+    thresholds: Sequence[float] = WANG_HEATMAP_THRESHOLDS,
+) -> dict[float, np.ndarray]:
+    """:func:`original_boxes` at every heatmap threshold (the other ``params`` kept)."""
+    params = params or BoxParams()
+    return {
+        float(t): original_boxes(heatmap, geometry, image_shape, replace(params, threshold=float(t)))
+        for t in thresholds
+    }
+
+
 @dataclass
 class LocalizationCase:
-    """One image and finding with ground truth: every box and point in original pixel coordinates."""
+    """One image and finding with ground truth: the boxes found at each heatmap threshold, the ground truth
+    and the heatmap's peak, all in the original image's pixels."""
 
     image: str
     finding: str
     gt_boxes: np.ndarray
-    pred_boxes: np.ndarray
+    pred_boxes: Mapping[float, np.ndarray]
     peak: tuple[float, float] | None
 
 
@@ -231,25 +180,28 @@ def overlap_outcome(pred: np.ndarray, gt: np.ndarray, criterion: str, threshold:
 
 @dataclass
 class LocalizationScores:
-    """``overlap``: one row per finding, criterion and threshold (accuracy, afp, n_images);
-    ``pointing``: one row per finding (hits, n_images, hit_rate)."""
+    """``overlap``: one row per heatmap threshold, finding, criterion and overlap threshold (accuracy, afp,
+    n_images); ``pointing``: one row per finding (hits, n_images, hit_rate)."""
 
     overlap: pd.DataFrame
     pointing: pd.DataFrame
 
     def table(self, criterion: str = "IoBB") -> pd.DataFrame:
-        """Wang et al. 2017 Table 4 layout: rows ``T(IoBB)=0.1 Acc.`` / ``AFP``, one column per finding,
-        plus ``Mean`` (unweighted over findings)."""
+        """The paper's table layout: rows ``T(IoBB)=0.1 Acc.`` / ``AFP`` (prefixed ``heatmap 60/255:`` when
+        several heatmap thresholds were scored), one column per finding, plus ``Mean`` (unweighted)."""
         part = self.overlap[self.overlap["criterion"] == criterion]
         if part.empty:
             have = sorted(self.overlap["criterion"].unique())
             raise ValueError(f"no scores for criterion {criterion!r}; have {have}")
+        several = part["heatmap_threshold"].nunique() > 1
         rows = {}
-        for threshold, group in part.groupby("threshold", sort=True):
+        for (heatmap_threshold, threshold), group in part.groupby(["heatmap_threshold", "threshold"]):
+            prefix = f"heatmap {heatmap_threshold * 255:.0f}/255: " if several else ""
             by_finding = group.set_index("finding")
             for metric, column in (("Acc.", "accuracy"), ("AFP", "afp")):
                 values = by_finding[column]
-                rows[f"T({criterion})={threshold:g} {metric}"] = {**values.to_dict(), "Mean": values.mean()}
+                name = f"{prefix}T({criterion})={threshold:g} {metric}"
+                rows[name] = {**values.to_dict(), "Mean": values.mean()}
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "metric"
         return table
@@ -257,30 +209,38 @@ class LocalizationScores:
 
 def score_localization(
     cases: Iterable[LocalizationCase],
-    thresholds: Sequence[float] = WANG_THRESHOLDS,
+    thresholds: Mapping[str, Sequence[float]] = WANG_OVERLAP_THRESHOLDS,
     pointing_tolerance: float = 0.0,
 ) -> LocalizationScores:
-    """Accuracy and average false positives at each IoU/IoBB threshold, and the pointing game, per finding."""
+    """Accuracy and average false positives at each overlap threshold of each criterion (``thresholds``:
+    criterion -> T values) for every heatmap threshold of the cases, and the pointing game, per finding."""
     cases = list(cases)
     if not cases:
         raise ValueError("no localisation cases to score (no image has a ground-truth box for the findings)")
+    unknown = sorted(set(thresholds) - set(CRITERIA))
+    if unknown:
+        raise ValueError(f"unknown overlap criteria {unknown}; use {sorted(CRITERIA)}")
     overlap_rows, pointing_rows = [], []
-    findings = sorted({case.finding for case in cases})
-    for finding in findings:
+    for finding in sorted({case.finding for case in cases}):
         group = [case for case in cases if case.finding == finding]
-        for criterion in CRITERIA:
-            for threshold in thresholds:
-                outcomes = [overlap_outcome(c.pred_boxes, c.gt_boxes, criterion, threshold) for c in group]
-                overlap_rows.append(
-                    {
-                        "finding": finding,
-                        "criterion": criterion,
-                        "threshold": float(threshold),
-                        "accuracy": float(np.mean([correct for correct, _ in outcomes])),
-                        "afp": float(np.mean([false_positives for _, false_positives in outcomes])),
-                        "n_images": len(group),
-                    }
-                )
+        for heatmap_threshold in sorted({t for case in group for t in case.pred_boxes}):
+            for criterion, values in thresholds.items():
+                for threshold in values:
+                    outcomes = [
+                        overlap_outcome(c.pred_boxes[heatmap_threshold], c.gt_boxes, criterion, threshold)
+                        for c in group
+                    ]
+                    overlap_rows.append(
+                        {
+                            "heatmap_threshold": heatmap_threshold,
+                            "finding": finding,
+                            "criterion": criterion,
+                            "threshold": float(threshold),
+                            "accuracy": float(np.mean([correct for correct, _ in outcomes])),
+                            "afp": float(np.mean([false_positives for _, false_positives in outcomes])),
+                            "n_images": len(group),
+                        }
+                    )
         hits = sum(point_in_boxes(c.peak, c.gt_boxes, pointing_tolerance) for c in group)
         pointing_rows.append(
             {"finding": finding, "hits": hits, "n_images": len(group), "hit_rate": hits / len(group)}

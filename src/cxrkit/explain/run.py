@@ -4,7 +4,7 @@
 >>> report = explain_run("runs/nih-lite0", ["a.png", "b.dcm"], findings=["Effusion", "Mass"])
 
 Every image is decoded with :func:`cxrkit.data.decode.read_image` and preprocessed exactly as the run's cache
-and evaluation transform do (:class:`~cxrkit.inference.bundle.PreprocessSpec`), then explained with
+and evaluation transform do (:class:`~cxrkit.data.transforms.PreprocessSpec`), then explained with
 :func:`cxrkit.explain.cam.explain` (each image's ``top_k`` most likely findings, or the named ``findings``).
 The output folder gets, through :func:`cxrkit.explain.gallery.explain_files`, raw ``heatmaps/*.npy`` at
 model-input resolution, ``overlays/*.png`` at the ORIGINAL image resolution, ``explanations.csv`` and the
@@ -14,11 +14,13 @@ Weakly supervised localisation: with a box table (``boxes``: an NIH ``BBox_List_
 one found in or next to the root of an NIH source of the run's data), the explained images that have boxes
 are explained again for their boxed findings, whatever the predicted probability (Wang et al. 2017), into
 ``localization/``; boxes from the heatmaps are mapped to original pixels through the cache geometry and
-scored (IoBB/IoU accuracy and average false positives at T in {0.1, 0.25, 0.5, 0.75, 0.9}, pointing game).
+scored as in :mod:`cxrkit.explain.localize` (both heatmap thresholds of the paper, IoBB/IoU accuracy and
+average false positives, pointing game).
 The Table-4-style tables go into the gallery page, ``localization.csv`` and ``pointing_game.csv``.
 
 A split is explained on at most ``limit`` images: those with ground-truth boxes first, then those with a
-positive finding, then the rest, each group in manifest order.
+positive finding, then the rest, each group in manifest order. Localisation scores every boxed image of the
+split (the first ``limit`` of them when ``limit`` is given).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cxrkit.data.labels import canonical
-from cxrkit.evaluation.run import SPLITS, LoadedModel, load_model, resolve_device
+from cxrkit.data.manifest import SPLITS
 from cxrkit.explain.boxes import read_nih_boxes
 from cxrkit.explain.cam import method_name
 from cxrkit.explain.gallery import ExplainRun, explain_files, write_report
+from cxrkit.inference.loading import LoadedModel, load_model
 from cxrkit.inference.predictor import expand_inputs
+from cxrkit.inference.runner import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ def run_explanation(
     loaded.model.to(resolve_device(device)).eval()
     common = {
         "preprocess": loaded.preprocess,
+        "activation": loaded.activation,
         "method": method,
         "target_layer": target_layer,
         "batch_size": batch_size,
@@ -130,7 +135,8 @@ def run_explanation(
     )
     localization = None
     if box_table is not None:
-        localization = _localize(loaded, paths, box_table, out_dir, common)
+        candidates = paths if images else split_images(loaded, split, box_table, limit)
+        localization = _localize(loaded, candidates, box_table, out_dir, common)
     if localization is not None and localization.localization is not None:
         gallery.localization = localization.localization
         gallery.localization.overlap.to_csv(out_dir / "localization.csv", index=False)
@@ -199,9 +205,10 @@ def find_box_file(data_cfg) -> Path | None:
 
 
 def split_images(
-    loaded: LoadedModel, split: str, box_table: pd.DataFrame | None, limit: int = DEFAULT_LIMIT
+    loaded: LoadedModel, split: str, box_table: pd.DataFrame | None, limit: int | None = DEFAULT_LIMIT
 ) -> list[str]:
-    """Up to ``limit`` image paths of ``split``: boxed images first, then images with a positive finding."""
+    """Up to ``limit`` (None: all) image paths of ``split``: boxed images first, then images with a positive
+    finding."""
     frame = _split_frame(loaded, split)
     if frame.empty:
         raise ValueError(f"the data of {loaded.name} has no {split!r} images")
@@ -222,11 +229,14 @@ def boxed_images(box_table: pd.DataFrame | None, labels: Sequence[str]) -> set[s
 
 def _split_frame(loaded: LoadedModel, split: str) -> pd.DataFrame:
     """Rows of ``split`` from the run's finished cache, else from its manifest (no images are decoded)."""
-    from cxrkit.data.build import build_manifest
+    from cxrkit.data.build import build_manifest, build_run_manifest
     from cxrkit.data.cache import CacheIncompleteError, open_cache
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if loaded.kind == "run":  # the splits the run stored, over the images on disk now
+        frame = build_run_manifest(loaded.config.data, loaded.path).frame
+        return frame[frame["split"].astype(str) == split].reset_index(drop=True)
     try:
         frame = open_cache(loaded.config.data.cache.dir).manifest.frame
     except (CacheIncompleteError, FileNotFoundError):

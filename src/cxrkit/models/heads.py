@@ -1,7 +1,11 @@
-"""Classification heads on a backbone feature map ``[B, C, h, w]``, returning logits ``[B, num_classes]``.
+"""Classification heads, returning logits ``[B, num_classes]``.
 
-* ``linear``: global average pooling, dropout, one linear layer.
-* ``mlp``: global average pooling, dropout, ``hidden_layers`` × (linear → ReLU → dropout), linear.
+``linear`` and ``mlp`` take the backbone's pooled features ``[B, C]`` (timm's own pooling, so a pretrained
+network sees what it was trained on: e.g. ConvNeXt pools, then applies its final LayerNorm); ``lse``
+(``takes_map``) takes the feature map ``[B, C, h, w]``.
+
+* ``linear``: dropout, one linear layer.
+* ``mlp``: dropout, ``hidden_layers`` × (linear → ReLU → dropout), linear.
 * ``lse``: the unified DCNN head of Wang et al. 2017 (ChestX-ray8): a transition convolution to
   ``transition_channels``, log-sum-exp pooling with sharpness ``r`` (``r → ∞``: max pooling, ``r → 0``:
   average pooling), dropout and a linear prediction layer.
@@ -20,11 +24,6 @@ from torch import nn
 HEAD_TYPES = ("linear", "mlp", "lse")
 
 
-def global_avg_pool(features: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` → ``[B, C]``."""
-    return features.mean(dim=(2, 3))
-
-
 def lse_pool(features: torch.Tensor, r: float) -> torch.Tensor:
     """Log-sum-exp pooling ``(1/r)·log(mean(exp(r·x)))`` over the spatial positions, computed stably."""
     flat = features.flatten(2)
@@ -32,16 +31,20 @@ def lse_pool(features: torch.Tensor, r: float) -> torch.Tensor:
 
 
 class LinearHead(nn.Module):
+    takes_map = False
+
     def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(global_avg_pool(features)))
+        return self.fc(self.drop(features))
 
 
 class MLPHead(nn.Module):
+    takes_map = False
+
     def __init__(
         self,
         in_features: int,
@@ -67,10 +70,12 @@ class MLPHead(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.hidden(self.drop(global_avg_pool(features))))
+        return self.fc(self.hidden(self.drop(features)))
 
 
 class LSEHead(nn.Module):
+    takes_map = True
+
     def __init__(
         self,
         in_features: int,

@@ -16,7 +16,6 @@ stripping wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``...); the out
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ import timm
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
+
+from cxrkit.models.checkpoint import CheckpointError, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +97,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise PretrainedWeightsError(
-            f"{path}: refused to load: the file pickles objects other than tensors and plain containers, "
-            "and code stored in a weights file is never executed (torch.load weights_only=True). Re-save its "
-            f"state dict (or safetensors) on a machine where the file is trusted. Detail: {error}"
-        ) from error
-    except (RuntimeError, OSError, EOFError) as error:
-        raise PretrainedWeightsError(f"{path}: not a readable torch checkpoint: {error}") from error
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise PretrainedWeightsError(str(error)) from error
     return unwrap_checkpoint(checkpoint, str(path))
 
 

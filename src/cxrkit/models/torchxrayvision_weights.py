@@ -2,8 +2,8 @@
 ``densenet121``.
 
 torchxrayvision stores these weights as whole pickled models in ``~/.torchxrayvision/models_data``. They are
-read here with ``torch.load(weights_only=True)``, allowing only nn.Module classes of ``torch.nn`` and
-``torchxrayvision.models`` to be rebuilt: no other code in the file can run. Nothing is downloaded: offline
+read with PyTorch's weights-only unpickler and an explicit allowlist (the nn.Module classes of ``torch.nn``
+and ``torchxrayvision.models``): no other code in the file can run. Nothing is downloaded: offline
 without the cached file is an error telling where to put it. The parameter names are torchvision's DenseNet
 names, which timm's ``densenet121`` shares; the 18-pathology classifier is dropped.
 
@@ -13,17 +13,17 @@ mean 0.5, std 1/2048.
 
 from __future__ import annotations
 
-import _compat_pickle
 import importlib
+import io
 import pickle
-import types
+import pickletools
 import zipfile
 from pathlib import Path
-from typing import ClassVar
 
 import torch
-from torch import _weights_only_unpickler, nn
+from torch import nn
 
+from cxrkit.models.checkpoint import CheckpointError, load_checkpoint
 from cxrkit.models.pretrained import PretrainedWeightsError, unwrap_checkpoint
 
 DEFAULT_WEIGHTS = "densenet121-res224-all"
@@ -86,50 +86,84 @@ def _allowed_module_classes() -> list[type]:
     ]
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler resolving only torch's ``weights_only`` globals and the allowed nn.Module classes."""
-
-    allowed: ClassVar[dict[str, object]] = {}
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) in _compat_pickle.NAME_MAPPING:  # Python 2 names of protocol-2 pickles
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        key = f"{module}.{name}"
-        if key not in self.allowed:
-            raise pickle.UnpicklingError(f"global {key} is not allowed in a weights file")
-        return self.allowed[key]
+def module_class(persistent_id: tuple) -> type:
+    """The class in a legacy ``('module', class, source file, source)`` record (:func:`legacy_as_loadable`);
+    the class itself was already checked against the allowlist by torch's unpickler."""
+    kind = persistent_id[0].decode("ascii") if isinstance(persistent_id[0], bytes) else persistent_id[0]
+    if kind != "module" or not isinstance(persistent_id[1], type):
+        raise pickle.UnpicklingError(f"unexpected persistent record {kind!r} in a legacy torch file")
+    return persistent_id[1]
 
 
-def _restricted_pickle_module() -> types.ModuleType:
-    allowed = dict(_weights_only_unpickler._get_allowed_globals())
-    allowed.update({f"{cls.__module__}.{cls.__qualname__}": cls for cls in _allowed_module_classes()})
-    unpickler = type("RestrictedUnpickler", (_RestrictedUnpickler,), {"allowed": allowed})
-    module = types.ModuleType("cxrkit_restricted_pickle")
-    module.Unpickler = unpickler
-    module.load = lambda file, **kwargs: unpickler(file, **kwargs).load()
-    return module
+_STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING"}
+_PUT_OPS = {"BINPUT", "LONG_BINPUT", "PUT"}
+_GET_OPS = {"BINGET", "LONG_BINGET", "GET"}
+_MODULE_CLASS = f"c{module_class.__module__}\n{module_class.__qualname__}\n".encode()
+_TUPLE1_REDUCE = pickle.TUPLE1 + pickle.REDUCE
 
 
-def _load_restricted(path: Path) -> object:
-    if zipfile.is_zipfile(path):
-        with torch.serialization.safe_globals(_allowed_module_classes()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    # legacy (pre-1.6) format, which torch's weights_only loader cannot read when it holds modules
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
+def legacy_as_loadable(data: bytes) -> io.BytesIO:
+    """A legacy (pre-1.6, non-zip) torch file re-encoded for torch's weights-only unpickler.
+
+    That unpickler rejects the legacy format's ``('module', class, file, source)`` persistent records (by
+    which it names nn.Module classes). Each is rewritten, opcode for opcode, into a call of
+    :func:`module_class` on the same tuple, so the class goes through the unpickler's allowlist like any
+    other global. Nothing is unpickled here: the pickle opcodes are only scanned (``pickletools``).
+    """
+    stream = io.BytesIO(data)
+    for _ in range(3):  # magic number, protocol version, system info
+        for _ in pickletools.genops(stream):
+            pass
+    start = stream.tell()
+    out, copied = bytearray(data[:start]), start
+    marks: list[int] = []  # positions of the open MARKs
+    memo: dict[int, object] = {}
+    previous: tuple[str, object] = ("", None)
+    tuple_start = -1  # MARK position of the tuple just built (until another opcode than a memo put)
+    for opcode, arg, position in pickletools.genops(stream):
+        name = opcode.name
+        if pickletools.markobject in opcode.stack_before:
+            mark = marks.pop()
+            tuple_start = mark if name == "TUPLE" else -1
+        elif name in _PUT_OPS and previous[0] in _STRING_OPS:
+            memo[int(arg)] = previous[1]
+        elif name == "BINPERSID" and tuple_start >= 0 and _starts_with_module(data, tuple_start, memo):
+            out += data[copied:tuple_start] + _MODULE_CLASS + data[tuple_start:position] + _TUPLE1_REDUCE
+            copied = position + 1
+        if name == "MARK":
+            marks.append(position)
+        if name != "TUPLE" and name not in _PUT_OPS:
+            tuple_start = -1
+        previous = (name, arg)
+    out += data[copied:]
+    return io.BytesIO(bytes(out))
+
+
+def _starts_with_module(data: bytes, mark: int, memo: dict[int, object]) -> bool:
+    """Whether the tuple opened by the MARK at ``mark`` starts with the string ``'module'``."""
+    opcode, arg, _ = next(pickletools.genops(io.BytesIO(data[mark + 1 : mark + 64])))
+    if opcode.name in _GET_OPS:
+        arg = memo.get(int(arg))
+    return arg in ("module", b"module")
 
 
 def read_pickled_model(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a pickled torchxrayvision model (or of a plain checkpoint), without running code:
-    only torch's ``weights_only`` globals and nn.Module classes of ``torch.nn``/``torchxrayvision.models``
-    can be rebuilt, in the zip and in the legacy torch format."""
+    """The state dict of a pickled torchxrayvision model (or of a plain checkpoint), without running code.
+
+    Read by torch's weights-only unpickler allowing only nn.Module classes of ``torch.nn`` and
+    ``torchxrayvision.models`` besides tensors and plain data, in the zip and in the legacy torch format."""
+    allowed = _allowed_module_classes()
+    content = None
+    if not zipfile.is_zipfile(path):
+        try:
+            content = legacy_as_loadable(Path(path).read_bytes())
+        except (ValueError, EOFError, IndexError) as error:  # pickletools: not a torch pickle
+            raise PretrainedWeightsError(f"{path}: not a readable torch file: {error}") from error
+        allowed.append(module_class)
     try:
-        checkpoint = _load_restricted(path)
-    except pickle.UnpicklingError as error:
-        raise PretrainedWeightsError(
-            f"{path}: refused to load: it references objects outside torch.nn and torchxrayvision model "
-            f"classes, and code stored in a weights file is never executed. Detail: {error}"
-        ) from error
+        checkpoint = load_checkpoint(path, allowed, content)
+    except CheckpointError as error:
+        raise PretrainedWeightsError(str(error)) from error
     if isinstance(checkpoint, nn.Module):
         return dict(checkpoint.state_dict())
     return unwrap_checkpoint(checkpoint, str(path))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 #: Colours for groups (splits, categories): matplotlib's colour-blind-friendly "tab10" order.
@@ -235,3 +236,64 @@ def _count_text(value: float) -> str:
         value = int(value)
         return f"{value / 1000:.0f}k" if value >= 100_000 else f"{value:,}"
     return f"{value:.3g}"
+
+
+#: Per-label validation AUROC columns of a run's ``metrics.csv``.
+PER_LABEL_AUROC = "val/auroc/"
+MEAN_AUROC = "val/auroc_mean"
+
+
+def epoch_metrics(metrics_csv: str | Path) -> pd.DataFrame:
+    """One row per epoch of a Lightning ``CSVLogger`` ``metrics.csv`` (sparse rows: each value sits on the
+    row of its step), holding each numeric metric's last value in that epoch; indexed by epoch."""
+    path = Path(metrics_csv)
+    if not path.exists():
+        raise FileNotFoundError(f"training metrics file not found: {path}")
+    frame = pd.read_csv(path)
+    if "epoch" not in frame.columns:
+        raise ValueError(f"{path}: no 'epoch' column (not a Lightning CSVLogger metrics file)")
+    values = [
+        c
+        for c in frame.columns
+        if c not in ("epoch", "step") and frame[c].notna().any() and pd.api.types.is_numeric_dtype(frame[c])
+    ]
+    return frame.dropna(subset=["epoch"]).groupby("epoch")[values].last()
+
+
+def training_curves(metrics_csv: str | Path) -> Figure:
+    """Loss per epoch (every ``*loss*`` column logged per epoch) beside validation AUROC (the mean bold,
+    each label thin) and any other validation metric, from a run's ``metrics.csv``."""
+    epochs = epoch_metrics(metrics_csv)
+    losses = [c for c in epochs.columns if "loss" in c and not c.endswith("_step")]
+    aurocs = sorted(c for c in epochs.columns if c.startswith(PER_LABEL_AUROC))
+    others = [c for c in epochs.columns if c.startswith(("val/", "test/")) and c not in (*losses, *aurocs)]
+    if not losses and not aurocs and not others:
+        raise ValueError(f"{metrics_csv}: no loss or validation metric to plot")
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, metric_ax = fig.subplots(1, 2)
+    for i, column in enumerate(losses):
+        _epoch_line(loss_ax, epochs[column], column, color=PALETTE[i % len(PALETTE)], marker="o")
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="loss")
+    for column in aurocs:
+        _epoch_line(metric_ax, epochs[column], column[len(PER_LABEL_AUROC) :], linewidth=0.8, alpha=0.5)
+    for i, column in enumerate(others):
+        bold = column == MEAN_AUROC
+        style = {"color": "black", "linewidth": 2.5} if bold else {"color": PALETTE[i % len(PALETTE)]}
+        _epoch_line(metric_ax, epochs[column], "mean AUROC" if bold else column, marker="o", **style)
+    metric_ax.set(title="Validation", xlabel="epoch", ylabel="AUROC" if aurocs else "metric")
+    for ax in (loss_ax, metric_ax):
+        if ax.has_data():
+            ax.legend(fontsize="x-small", ncol=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def save_training_curves(metrics_csv: str | Path, out_png: str | Path) -> Path:
+    """:func:`training_curves` written as a PNG file."""
+    return save_png(training_curves(metrics_csv), out_png)
+
+
+def _epoch_line(ax, series: pd.Series, label: str, **style) -> None:
+    series = series.dropna()
+    ax.plot(series.index, series.to_numpy(), label=label, markersize=3, **style)

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from cxrkit.training.plots import plot_training_curves
+from cxrkit.files import write_atomic
+from cxrkit.reporting.plots import save_training_curves
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_NAME = "best"
@@ -40,7 +40,7 @@ LAST_NAME = "last"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Save to ``<path>.tmp``, fsync, then ``os.replace`` onto ``path`` (atomic on POSIX file systems)."""
+    """Checkpoints written atomically (:func:`cxrkit.files.write_atomic`): never a truncated ``last.ckpt``."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
@@ -49,24 +49,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        write_atomic(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -166,7 +149,7 @@ class TrainingCurves(Callback):
     @rank_zero_only
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch > 0 and self.metrics_csv.exists():
-            plot_training_curves(self.metrics_csv, self.out_png)
+            save_training_curves(self.metrics_csv, self.out_png)
 
 
 def monitor_mode(monitor: str) -> str:
@@ -203,8 +186,6 @@ def build_callbacks(train_cfg: Any, run_dir: Path, seed: int, validate: bool) ->
                 check_finite=False,
             )
         )
-    if train_cfg.ema_decay > 0:
-        if not train_cfg.ema_decay < 1:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {train_cfg.ema_decay}")
+    if train_cfg.ema_decay > 0:  # in [0, 1): checked when the config loads
         callbacks.append(EMAWeightAveraging(decay=train_cfg.ema_decay))
     return callbacks

@@ -3,8 +3,9 @@
 Batches are ``(images float [B, 1, H, W] in [0, 1], targets float [B, L] with NaN = unknown)``. Validation and
 test log ``<split>/loss``, ``<split>/auroc/<label>`` (AUROC per label on the known targets only) and
 ``<split>/auroc_mean``, the mean over the findings that have both classes among their known targets ("No
-Finding" is reported but left out of the mean unless it is the only label). Labels without both classes are
-skipped and named in the log.
+Finding" is reported but left out of the mean unless it is the only label: the rule of the evaluation
+report's mean, :func:`cxrkit.evaluation.metrics.mean_label_mask`). Labels without both classes are skipped
+and named in the log.
 
 Optimisers: ``adam``, ``adamw``, ``sgd`` (momentum), ``rmsprop``; biases and normalisation weights get no
 weight decay. Schedules: ``cosine`` (linear warm-up then cosine decay) and ``onecycle``, stepped every
@@ -31,11 +32,11 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from cxrkit.data.labels import NO_FINDING
+from cxrkit.evaluation.metrics import mean_label_mask
+from cxrkit.inference.runner import activate
 from cxrkit.training.callbacks import monitor_mode
 from cxrkit.training.losses import build_loss
 from cxrkit.training.stages import (
-    SCHEDULES,
     apply_stage,
     frozen_batchnorms,
     resolve_stages,
@@ -78,9 +79,11 @@ class MaskedMultilabelAUROC(Metric):
         return results
 
 
-def mean_over_findings(aurocs: dict[str, Tensor]) -> Tensor:
-    """Mean AUROC over the findings (``No Finding`` excluded unless alone); NaN when there is none."""
-    findings = [value for label, value in aurocs.items() if label != NO_FINDING] or list(aurocs.values())
+def mean_over_findings(aurocs: dict[str, Tensor], labels: Sequence[str]) -> Tensor:
+    """Mean AUROC over the defined labels that the report's mean counts (``No Finding`` only when it is the
+    only label); NaN when none is defined."""
+    counted = [label for label, keep in zip(labels, mean_label_mask(labels), strict=True) if keep]
+    findings = [aurocs[label] for label in counted if label in aurocs]
     return torch.stack(findings).mean() if findings else torch.tensor(float("nan"))
 
 
@@ -159,10 +162,6 @@ class CXRClassifier(LightningModule):
         self._frozen_bn: list[nn.Module] = []
         self.plateau: ReduceLROnPlateau | None = None
         self._plateau_state: dict[str, Any] | None = None
-        if train_cfg.scheduler.name not in SCHEDULES:
-            raise ValueError(
-                f"train.scheduler.name must be one of {list(SCHEDULES)}, got {train_cfg.scheduler.name!r}"
-            )
         monitors = ["val/loss", "val/auroc_mean", *(f"val/auroc/{label}" for label in self.labels)]
         if train_cfg.monitor not in monitors:
             raise ValueError(
@@ -179,8 +178,7 @@ class CXRClassifier(LightningModule):
         return self.model(images)
 
     def probabilities(self, logits: Tensor) -> Tensor:
-        logits = logits.float()
-        return logits.softmax(dim=1) if self.activation == "softmax" else logits.sigmoid()
+        return activate(logits.float(), self.activation)
 
     def predict_probabilities(self, images: Tensor, tta: bool = False) -> Tensor:
         """Class probabilities, averaged over :func:`tta_views` when ``tta``."""
@@ -291,7 +289,7 @@ class CXRClassifier(LightningModule):
         aurocs = auroc_metric.compute()
         nan = torch.tensor(float("nan"), device=self.device)
         metrics = {f"{split}/auroc/{label}": aurocs.get(label, nan) for label in self.labels}
-        metrics[f"{split}/auroc_mean"] = mean_over_findings(aurocs)
+        metrics[f"{split}/auroc_mean"] = mean_over_findings(aurocs, self.labels)
         metrics[f"{split}/loss"] = loss_metric.compute()
         auroc_metric.reset()
         loss_metric.reset()

@@ -11,12 +11,14 @@ Run directory (``config.output_dir``)::
                              val/auroc/<label>, train/lr, train/images_per_s, ...
     training_curves.png      loss and validation AUROC per epoch
     mlflow.json              tracking URI, experiment and run id of the MLflow run (continued on resume)
+    mlruns/                  the run's MLflow store (default tracking URI) and its artifacts
     test_metrics_<ckpt>.json written by ``cxr test``
 
-MLflow tracks to ``train.tracking_uri`` or, by default, the SQLite store ``<output_dir>/../mlruns/mlflow.db``
-(``runs/mlruns`` for the default ``output_dir: runs/<name>``); browse it with
-``mlflow ui --backend-store-uri sqlite:///runs/mlruns/mlflow.db``. ``train.loggers`` may also list
-``tensorboard`` (needs the tensorboard package) and ``wandb`` (needs wandb).
+MLflow (the ``[track]`` extra; skipped with a warning without it) tracks to ``train.tracking_uri`` or, by
+default, the SQLite store ``<output_dir>/mlruns/mlflow.db`` inside the run directory; browse it with
+``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns/mlflow.db``, or set ``train.tracking_uri`` to
+one store shared by many runs. ``train.loggers`` may also list ``tensorboard`` (needs the tensorboard
+package) and ``wandb`` (needs wandb).
 
 Reproducibility: ``seed`` seeds weight initialisation; every training epoch re-seeds all generators from
 ``(seed, epoch, rank)`` (:class:`~cxrkit.training.callbacks.EpochSeed`), and ``train.deterministic`` turns on
@@ -57,11 +59,14 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cxrkit.config import load_config, save_config, to_container
+from cxrkit.config import load_saved_config, save_config, to_container
+from cxrkit.models.checkpoint import load_training_checkpoint
+from cxrkit.reporting.plots import save_training_curves
 from cxrkit.training.callbacks import (
     BEST_NAME,
     CHECKPOINT_DIR,
@@ -70,8 +75,8 @@ from cxrkit.training.callbacks import (
     build_callbacks,
 )
 from cxrkit.training.module import CHECKPOINT_METADATA_KEY, CXRClassifier
-from cxrkit.training.plots import plot_training_curves
 from cxrkit.training.stages import resolve_stages, total_epochs
+from cxrkit.training.tracking import default_tracking_uri, local_artifact_location
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +85,6 @@ LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "training_curves.png"
 MLFLOW_FILE = "mlflow.json"
-LOGGERS: tuple[str, ...] = ("csv", "mlflow", "tensorboard", "wandb")
 
 ModelFactory = Callable[[int], nn.Module]
 
@@ -102,7 +106,7 @@ def train(
         raise ValueError("train() needs a config or a run directory to resume")
     else:
         run_dir = Path(config.output_dir)
-    datamodule = build_datamodule(config)
+    datamodule = build_datamodule(config, run_dir if resume is not None else None)
     return fit(
         config,
         datamodule,
@@ -133,9 +137,7 @@ def fit(
     if resume:
         if not last.exists():
             raise FileNotFoundError(f"cannot resume {run_dir}: {last} does not exist")
-        _truncate_metrics(
-            run_dir / METRICS_FILE, torch.load(last, map_location="cpu", weights_only=False)["epoch"]
-        )
+        _truncate_metrics(run_dir / METRICS_FILE, load_training_checkpoint(last)["epoch"])
         _remove_partial_checkpoints(run_dir / CHECKPOINT_DIR)
     elif last.exists():
         raise FileExistsError(
@@ -151,16 +153,23 @@ def fit(
     seed_everything(int(config.seed), workers=True, verbose=False)
     model = build_model(len(labels))
     module = CXRClassifier(model, labels, config.train, frequencies, {"config": to_container(config)})
-    _write_run_files(config, labels, run_dir)
+    _write_run_files(config, labels, run_dir, None if resume else getattr(datamodule, "cache", None))
 
     validate = float(config.train.limit_val_batches) > 0
     loggers = build_loggers(config, run_dir, mlflow_tags)
     trainer = build_trainer(config, run_dir, loggers, validate=validate, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=False
-        )
+        try:
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=str(last) if resume else None, weights_only=True
+            )
+        except SIGTERMException as stop:  # Lightning stops after the batch; uncaught it would exit with 0
+            raise KeyboardInterrupt(
+                f"stopped by SIGTERM; resume with `cxr train --resume {run_dir}`"
+            ) from stop
+        except SystemExit as stop:  # Lightning turns Ctrl-C during fit into sys.exit(1)
+            raise KeyboardInterrupt(f"resume with `cxr train --resume {run_dir}`") from stop
     _finish(run_dir)
     return run_dir
 
@@ -170,7 +179,7 @@ def test(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     build_model = model_factory(config, pretrained=False)
-    return evaluate_checkpoint(config, build_datamodule(config), build_model, run_dir, checkpoint)
+    return evaluate_checkpoint(config, build_datamodule(config, run_dir), build_model, run_dir, checkpoint)
 
 
 def evaluate_checkpoint(
@@ -201,7 +210,10 @@ def evaluate_checkpoint(
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=str(path), weights_only=False)[0]
+        load_training_checkpoint(path)  # an unsafe file is refused in one line before Lightning reads it
+        results = trainer.test(
+            module, datamodule=datamodule, ckpt_path=str(path), weights_only=True, verbose=False
+        )[0]
     out = run_dir / f"test_metrics_{checkpoint}.json"
     if trainer.is_global_zero:
         payload = {
@@ -210,7 +222,6 @@ def evaluate_checkpoint(
             "metrics": {name: _json_number(value) for name, value in sorted(results.items())},
         }
         out.write_text(json.dumps(payload, indent=2))
-        log.info("test metrics written to %s", out)
     return out
 
 
@@ -219,7 +230,7 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a cxrkit run directory: {path} is missing")
-    return load_config(path)
+    return load_saved_config(path)
 
 
 def checkpoint_path(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
@@ -232,16 +243,17 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
     return path
 
 
-def build_datamodule(config: DictConfig) -> LightningDataModule:
-    """Manifest → cache (rank 0 builds or reuses it) → :class:`cxrkit.data.dataset.CXRDataModule`."""
-    from cxrkit.data.build import build_manifest
+def build_datamodule(config: DictConfig, run_dir: str | Path | None = None) -> LightningDataModule:
+    """Manifest → cache (rank 0 builds or reuses it) → :class:`cxrkit.data.dataset.CXRDataModule`; with
+    ``run_dir``, with the splits that run stored (:func:`cxrkit.data.build.build_run_manifest`)."""
+    from cxrkit.data.build import build_manifest, build_run_manifest
     from cxrkit.data.cache import prepare_cache
     from cxrkit.data.dataset import CXRDataModule
 
     cache = config.data.cache
     if _is_first_process():
         prepare_cache(
-            build_manifest(config.data),
+            build_run_manifest(config.data, run_dir) if run_dir else build_manifest(config.data),
             cache.dir,
             image_size=cache.image_size,
             resize_policy=cache.resize_policy,
@@ -266,11 +278,8 @@ def build_loggers(
     config: DictConfig, run_dir: Path, mlflow_tags: Mapping[str, str] | None = None
 ) -> list[Logger]:
     """CSV (always, ``metrics.csv``) plus the others named in ``train.loggers``."""
-    unknown = set(config.train.loggers) - set(LOGGERS)
-    if unknown:
-        raise ValueError(f"train.loggers has unknown entries {sorted(unknown)}; choose from {list(LOGGERS)}")
     loggers: list[Logger] = [RunCSVLogger(run_dir)]
-    if "mlflow" in config.train.loggers:
+    if "mlflow" in config.train.loggers and _mlflow_installed():
         loggers.append(_mlflow_logger(config, run_dir, mlflow_tags))
     if "tensorboard" in config.train.loggers:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -299,14 +308,15 @@ def build_trainer(
         accumulate_grad_batches=int(train_cfg.accumulate_grad_batches),
         gradient_clip_val=float(train_cfg.gradient_clip_val) or None,
         deterministic=_deterministic(train_cfg),
-        limit_train_batches=_limit(train_cfg.limit_train_batches),
-        limit_val_batches=_limit(train_cfg.limit_val_batches),
+        limit_train_batches=train_cfg.limit_train_batches,
+        limit_val_batches=train_cfg.limit_val_batches,
         log_every_n_steps=int(train_cfg.log_every_n_steps),
         logger=loggers,
         callbacks=[*build_callbacks(train_cfg, run_dir, int(config.seed), validate), *callbacks],
         plugins=[AtomicCheckpointIO()],
         default_root_dir=run_dir,
         enable_model_summary=True,
+        enable_progress_bar=log.isEnabledFor(logging.INFO),
     )
 
 
@@ -323,7 +333,7 @@ class TrainedModel:
 def load_trained_model(run_dir: str | Path, checkpoint: str = BEST_NAME) -> TrainedModel:
     """The network of ``run_dir`` with the weights of ``checkpoints/<checkpoint>.ckpt`` (EMA when used)."""
     path = checkpoint_path(run_dir, checkpoint)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_training_checkpoint(path)
     metadata = state[CHECKPOINT_METADATA_KEY]
     config = OmegaConf.create(metadata["config"])
     model = model_factory(config, pretrained=False)(len(metadata["labels"]))
@@ -362,11 +372,12 @@ class RunCSVLogger(CSVLogger):
 def _mlflow_logger(config: DictConfig, run_dir: Path, tags: Mapping[str, str] | None = None) -> MLFlowLogger:
     record_path = run_dir / MLFLOW_FILE
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    uri = record.get("tracking_uri") or config.train.tracking_uri or _default_tracking_uri(run_dir)
+    uri = record.get("tracking_uri") or config.train.tracking_uri or default_tracking_uri(run_dir)
     logger = MLFlowLogger(
         experiment_name=config.name,
         run_name=run_dir.name,
         tracking_uri=uri,
+        artifact_location=local_artifact_location(uri),
         run_id=record.get("run_id"),
         tags=dict(tags) if tags else None,
     )
@@ -376,10 +387,14 @@ def _mlflow_logger(config: DictConfig, run_dir: Path, tags: Mapping[str, str] | 
     return logger
 
 
-def _default_tracking_uri(run_dir: Path) -> str:
-    store = run_dir.resolve().parent / "mlruns"
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+def _mlflow_installed() -> bool:
+    """Whether MLflow is importable; without it (no ``[track]`` extra) tracking is skipped, said once."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        log.warning("MLflow tracking skipped: it needs the [track] extra (pip install 'cxrkit[track]')")
+        return False
+    return True
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -423,12 +438,6 @@ def _deterministic(train_cfg: Any) -> bool | str:
     return "warn" if torch.cuda.is_available() and train_cfg.accelerator != "cpu" else True
 
 
-def _limit(value: float) -> float | int:
-    """Lightning reads a float as a fraction of the batches and an int as a number of batches."""
-    value = float(value)
-    return int(value) if value > 1 else value
-
-
 def _needs_frequencies(train_cfg: Any) -> bool:
     return any(stage.loss.name == "weighted_bce" for stage in resolve_stages(train_cfg))
 
@@ -461,8 +470,13 @@ def _start_fresh(run_dir: Path) -> None:
 
 
 @rank_zero_only
-def _write_run_files(config: DictConfig, labels: list[str], run_dir: Path) -> None:
+def _write_run_files(config: DictConfig, labels: list[str], run_dir: Path, cache: Any = None) -> None:
+    """config.yaml, labels.json and, given the cache trained on, its manifest (the run's frozen splits)."""
+    from cxrkit.data.run_manifest import save_run_manifest
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cache is not None:
+        save_run_manifest(cache.manifest, run_dir)
     save_config(config, run_dir / CONFIG_FILE)
     (run_dir / LABELS_FILE).write_text(json.dumps(labels, indent=2))
 
@@ -486,5 +500,5 @@ def _truncate_metrics(metrics_csv: Path, resume_epoch: int) -> None:
 @rank_zero_only
 def _finish(run_dir: Path) -> None:
     if (run_dir / METRICS_FILE).exists():
-        plot_training_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
+        save_training_curves(run_dir / METRICS_FILE, run_dir / CURVES_FILE)
     log.info("run finished: %s", run_dir)

@@ -1,8 +1,9 @@
 """Staged fine-tuning: which parameters train, at what learning rate and with which loss, epoch by epoch.
 
 ``train.stages`` is a list of stages run one after the other; the run lasts the sum of their epochs
-(``train.max_epochs`` is then ignored). The stage of an epoch is a pure function of the epoch number, so a
-resumed run is in the same stage, with the same frozen parameters and loss, as the interrupted one.
+(``train.max_epochs`` is then that sum: :func:`cxrkit.training.config.check_train` refuses another value).
+The stage of an epoch is a pure function of the epoch number, so a resumed run is in the same stage, with
+the same frozen parameters and loss, as the interrupted one.
 
 ``trainable`` holds fnmatch patterns on the parameter names of the network built by
 :func:`cxrkit.models.factory.create_model` (``backbone.<timm name>``, ``head.*``); ``*`` matches dots too, and
@@ -42,7 +43,8 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-SCHEDULES: tuple[str, ...] = ("plateau", "cosine", "onecycle", "none")
+from cxrkit.training.config import DEFAULT_MAX_EPOCHS
+
 ONECYCLE_DIV_FACTOR = 25.0
 ONECYCLE_FINAL_DIV_FACTOR = 1e4
 ONECYCLE_DEFAULT_WARMUP_FRACTION = 0.3
@@ -73,13 +75,10 @@ def resolve_stages(train_cfg: Any) -> list[Stage]:
     """
     base_lr = float(train_cfg.optimizer.lr)
     if not train_cfg.stages:
-        return [Stage(0, "all", 0, int(train_cfg.max_epochs), ("*",), base_lr, train_cfg.loss, False)]
+        epochs = DEFAULT_MAX_EPOCHS if train_cfg.max_epochs is None else int(train_cfg.max_epochs)
+        return [Stage(0, "all", 0, epochs, ("*",), base_lr, train_cfg.loss, False)]
     stages, start = [], 0
     for index, stage_cfg in enumerate(train_cfg.stages):
-        if stage_cfg.epochs < 1:
-            raise ValueError(f"train.stages[{index}].epochs must be >= 1, got {stage_cfg.epochs}")
-        if not stage_cfg.trainable:
-            raise ValueError(f"train.stages[{index}].trainable is empty: list at least one pattern")
         lr = base_lr if stage_cfg.lr is None else float(stage_cfg.lr)
         loss = train_cfg.loss if stage_cfg.loss is None else stage_cfg.loss
         freeze_bn = bool(getattr(stage_cfg, "freeze_bn_stats", True))

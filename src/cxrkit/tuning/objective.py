@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from cxrkit.config import validate_config
 from cxrkit.training.callbacks import monitor_mode
 from cxrkit.tuning.space import SearchSpace, apply_values, resolved, sample
 
@@ -99,10 +100,14 @@ class Objective:
             updates["train.devices"] = "1"
         if self.tracking is not None:
             updates["train.tracking_uri"] = self.tracking.uri
-        return params, apply_values(resolved(config), updates), run_dir
+        return params, validate_config(apply_values(resolved(config), updates)), run_dir
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params, config, run_dir = self.trial_config(trial)
+        try:
+            params, config, run_dir = self.trial_config(trial)
+        except Exception as exception:  # sampled values the config refuses (ranges): a failed trial
+            trial.set_user_attr("error", f"{type(exception).__name__}: {exception}"[:_MAX_ERROR_CHARS])
+            raise
         shutil.rmtree(run_dir, ignore_errors=True)  # left by an earlier study of the same directory
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -117,7 +122,7 @@ class Objective:
         except optuna.TrialPruned:
             state = TrialState.PRUNED
             raise
-        except SystemExit as stop:  # Lightning turns Ctrl-C during fit into sys.exit(1)
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (training.run.fit raises it for both)
             error = "interrupted"
             trial.set_user_attr("error", error)
             raise KeyboardInterrupt(f"trial {trial.number} interrupted") from stop

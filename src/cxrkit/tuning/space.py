@@ -31,7 +31,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 import yaml
@@ -39,8 +39,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 PARAM_TYPES: tuple[str, ...] = ("categorical", "int", "float")
-SAMPLERS: tuple[str, ...] = ("tpe", "random")
-PRUNERS: tuple[str, ...] = ("median", "hyperband", "none")
 SECTIONS: tuple[str, ...] = ("study", "fixed", "params")
 _SPEC_KEYS = {"type", "choices", "low", "high", "step", "log", "when"}
 
@@ -68,10 +66,10 @@ class StudySettings:
     finished trial but the best one, ``all`` keeps them.
     """
 
-    sampler: str = "tpe"
+    sampler: Literal["tpe", "random"] = "tpe"
     seed: int = 0
     n_startup_trials: int = 5
-    pruner: str = "median"
+    pruner: Literal["median", "hyperband", "none"] = "median"
     pruner_startup_trials: int = 3
     pruner_warmup_epochs: int = 1
     min_epochs: int = 1
@@ -80,7 +78,7 @@ class StudySettings:
     heartbeat_interval: int = 60
     grace_period: int = 180
     tracking_uri: str = ""
-    keep_checkpoints: str = "best"
+    keep_checkpoints: Literal["best", "all"] = "best"
 
 
 @dataclass(frozen=True)
@@ -221,21 +219,9 @@ def _parse_settings(raw: Mapping[str, Any], source: str) -> StudySettings:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(StudySettings), dict(raw))
     except OmegaConfBaseException as error:
-        raise SpaceError(f"search space {source}: invalid 'study' section: {error}") from error
+        key = f"study.{error.full_key}: " if getattr(error, "full_key", None) else ""
+        raise SpaceError(f"search space {source}: {key}{_first_line(error)}") from error
     settings = StudySettings(**OmegaConf.to_container(merged))
-    if settings.sampler not in SAMPLERS:
-        raise SpaceError(
-            f"search space {source}: study.sampler must be one of {list(SAMPLERS)}, got {settings.sampler!r}"
-        )
-    if settings.pruner not in PRUNERS:
-        raise SpaceError(
-            f"search space {source}: study.pruner must be one of {list(PRUNERS)}, got {settings.pruner!r}"
-        )
-    if settings.keep_checkpoints not in ("best", "all"):
-        raise SpaceError(
-            f"search space {source}: study.keep_checkpoints must be 'best' or 'all', "
-            f"got {settings.keep_checkpoints!r}"
-        )
     if settings.heartbeat_interval <= 0 or settings.grace_period <= settings.heartbeat_interval:
         raise SpaceError(
             f"search space {source}: study.grace_period ({settings.grace_period}) must exceed "

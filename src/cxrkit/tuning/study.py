@@ -1,13 +1,15 @@
 """Optuna studies over run configs: storage, sampler, pruner, MLflow parent run, best config and report.
 
-Study directory (``runs/studies/<study_name>`` by default, next to the config's ``output_dir``)::
+Study directory (``cxr tune --study-dir``, else the config's ``output_dir`` when the config file or an
+override sets it, else ``runs/studies/<study_name>`` next to the default ``output_dir``)::
 
     study.db              the Optuna study (SQLite; default storage)
     base_config.yaml      the config the trials start from (config file + command-line overrides)
     space.yaml            the search space as run
     trials/trial_0007/    each trial's run directory (config.yaml, metrics.csv, checkpoints of the best trial)
     mlruns/mlflow.db      the study's MLflow store (default tracking URI), artifacts in mlruns/artifacts
-    best_config.yaml      the best trial's resolved config, ready for ``cxr train -c``
+    best_config.yaml      the best trial's resolved config, ready for ``cxr train -c`` (search shortcuts such
+                          as ``train.limit_train_batches`` reset to their defaults)
     report/               report.html, report.md, trials.csv and the study's PNG plots
 
 Storage URLs: empty = ``sqlite:///<study_dir>/study.db`` (one machine, a few workers); any SQLAlchemy URL
@@ -54,9 +56,10 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from cxrkit.config import RunConfig, apply_override, load_config, save_config
+from cxrkit.config import load_config, merge_config, save_config
 from cxrkit.training.callbacks import monitor_mode
 from cxrkit.training.stages import resolve_stages, total_epochs
+from cxrkit.training.tracking import default_tracking_uri, local_artifact_location
 from cxrkit.tuning.objective import Objective, Runner, StudyTracking, check_single_device, train_trial
 from cxrkit.tuning.space import SearchSpace, StudySettings, apply_values, resolved, validate_space
 
@@ -66,9 +69,10 @@ STUDY_DB = "study.db"
 BASE_CONFIG = "base_config.yaml"
 SPACE_FILE = "space.yaml"
 BEST_CONFIG = "best_config.yaml"
+#: Fields a study shortens its trials with; the best config gets their schema defaults back.
+SEARCH_SHORTCUTS: dict[str, Any] = {"train.limit_train_batches": 1.0, "train.limit_val_batches": 1.0}
 TRIALS_DIR = "trials"
 REPORT_DIR = "report"
-MLRUNS_DIR = "mlruns"
 JOURNAL_PREFIX = "journal://"
 COUNTED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 _HEARTBEAT_ATTR = "cxrkit:heartbeat"
@@ -174,12 +178,7 @@ def load_base_config(path: str | Path | None, overrides: Sequence[str] = ()) -> 
     """The run config like :func:`cxrkit.config.load_config`, but with ``${...}`` interpolations kept, so
     that sampled values flow into them (``data.cache.dir`` follows a searched ``data.cache.image_size``)."""
     load_config(path, overrides)  # validates and raises the usual ConfigError
-    config = OmegaConf.structured(RunConfig)
-    if path is not None:
-        config = OmegaConf.merge(config, OmegaConf.load(path))
-    for override in overrides:
-        apply_override(config, override)
-    return config
+    return merge_config(path, overrides)
 
 
 # ---- names and places --------------------------------------------------------------------------------------
@@ -379,11 +378,14 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 
 # ---- outputs -----------------------------------------------------------------------------------------------
 def best_config(study: optuna.Study, space: SearchSpace, base: DictConfig) -> DictConfig:
-    """The base config with the fixed values and the best trial's parameters; own name and output_dir."""
+    """The base config with the fixed values and the best trial's parameters, without the search's
+    shortcuts (:data:`SEARCH_SHORTCUTS` not in the space); own name and output_dir."""
     trial = best_trial(study)
     if trial is None:
         raise ValueError(f"study {study.study_name!r} has no completed trial")
-    config = resolved(apply_values(base, {**space.fixed, **space.decode(trial.params)}))
+    defaults = {path: value for path, value in SEARCH_SHORTCUTS.items() if path not in space.paths}
+    values = {**defaults, **space.fixed, **space.decode(trial.params)}
+    config = resolved(apply_values(base, values))
     name = f"{config.name}-{study.study_name}-best"  # set after resolving: the trials' cache dir is kept
     return apply_values(config, {"name": name, "output_dir": str(Path(config.output_dir).parent / name)})
 
@@ -443,14 +445,14 @@ def _start_tracking(
     """The study's MLflow parent run (when ``train.loggers`` has mlflow), shared by every worker."""
     if "mlflow" not in config.train.loggers:
         return None
-    uri = space.settings.tracking_uri or config.train.tracking_uri or _default_tracking_uri(study_dir)
+    uri = space.settings.tracking_uri or config.train.tracking_uri or default_tracking_uri(study_dir)
     tracking = StudyTracking.start(
         uri,
         experiment=str(config.name),
         study=study,
         storage_label=redact(url),
         known_run_id=study.user_attrs.get(_PARENT_ATTR),
-        artifact_root=_local_artifact_root(uri),
+        artifact_root=local_artifact_location(uri),
         description=_description(space),
     )
     if study.user_attrs.get(_PARENT_ATTR) != tracking.parent_run_id:
@@ -466,19 +468,6 @@ def _description(space: SearchSpace) -> dict[str, str]:
         **{f"fixed.{path}": str(value) for path, value in space.fixed.items()},
         **{f"study.{name}": str(value) for name, value in settings.items()},
     }
-
-
-def _default_tracking_uri(study_dir: Path) -> str:
-    store = (Path(study_dir) / MLRUNS_DIR).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
-
-
-def _local_artifact_root(uri: str) -> str | None:
-    """For a local SQLite store, artifacts go next to it (MLflow's default would be ./mlruns in the CWD)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
 
 
 def _retry(make: Any, what: str, attempts: int = 4) -> Any:

@@ -45,6 +45,33 @@ def get(name: str) -> Adapter:
     return _REGISTRY[name]
 
 
+#: How :func:`detect` recognises a layout: adapter -> file patterns under the root (first match wins).
+_SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("nih", ("Data_Entry_2017*.csv", "Data_Entry_2017*.csv.gz", "sample_labels.csv")),
+    ("padchest", ("PADCHEST_*.csv", "PADCHEST_*.csv.gz")),
+    ("chexpert", ("train.csv", "valid.csv")),
+)
+
+
+def detect(root: str) -> str:
+    """The adapter whose layout the folder ``root`` fits: a label file of NIH, PadChest or CheXpert, else
+    class subfolders of images (``folder``); ValueError naming what was looked for otherwise."""
+    from cxrkit.data.adapters._common import Location
+
+    location = Location.of(root)
+    location.require_dir("dataset")
+    for name, patterns in _SIGNATURES:
+        if any(location.fs.glob(location.join(pattern)) for pattern in patterns):
+            return name
+    entries = location.fs.ls(location.root, detail=True)
+    if any(entry["type"] == "directory" for entry in entries):
+        return "folder"
+    raise ValueError(
+        f"cannot tell which dataset {root} is: no NIH/PadChest/CheXpert label file and no class subfolders; "
+        "pass a config (--data CONFIG.yaml) naming the adapter"
+    )
+
+
 def load_source(source: SourceConfig) -> Manifest:
     """Run the adapter named by ``source.adapter`` on ``source.root`` with ``source.options``."""
     if not source.root:

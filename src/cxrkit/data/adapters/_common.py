@@ -16,14 +16,10 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_compression
 
 from cxrkit.data import labels as vocab
+from cxrkit.data.decode import IMAGE_SUFFIXES
 from cxrkit.data.manifest import META_COLUMNS, Manifest
 
 log = logging.getLogger("cxrkit.data.adapters")
-
-IMAGE_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff"}
-)
-
 
 @dataclass(frozen=True)
 class Location:

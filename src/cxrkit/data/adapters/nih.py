@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import posixpath
 
-import fsspec
-import numpy as np
 import pandas as pd
 
 from cxrkit.data import labels as vocab
@@ -154,26 +152,3 @@ def _split_folder(location: Location, split_dir: str | None) -> str | None:
                 f"NIH official split is incomplete in {folder}: need {' and '.join(SPLIT_FILES.values())}"
             )
     return None
-
-
-def load_bboxes(path: str) -> pd.DataFrame:
-    """NIH ``BBox_List_2017.csv``: columns image, label (canonical), x, y, w, h in 1024x1024 pixel space."""
-    fs, file = fsspec.core.url_to_fs(str(path))
-    table = read_table(fs, file, "NIH bounding-box file")
-    require_columns(table, ("Image Index", "Finding Label"), f"NIH bounding-box file {path}")
-    box_columns = [c for c in table.columns if c not in ("Image Index", "Finding Label")][:4]
-    if len(box_columns) < 4:
-        raise ValueError(f"NIH bounding-box file {path} needs 4 box columns (x, y, w, h)")
-    boxes = table[box_columns].to_numpy(dtype=np.float64)
-    return pd.DataFrame(
-        {
-            "image": table["Image Index"].str.strip(),
-            "label": table["Finding Label"].map(
-                lambda name: vocab.canonical_or_raise(name, field="NIH finding")
-            ),
-            "x": boxes[:, 0],
-            "y": boxes[:, 1],
-            "w": boxes[:, 2],
-            "h": boxes[:, 3],
-        }
-    )

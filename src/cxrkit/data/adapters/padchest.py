@@ -74,12 +74,7 @@ NON_FINDINGS = frozenset({"", NORMAL, EXCLUDE})
 ANNOTATED: tuple[str, ...] = (
     *vocab.NIH_FINDINGS,
     "Fracture",
-    "Tube",
-    "Electrical Device",
-    "Granuloma",
-    "Calcification",
-    "Scoliosis",
-    "Aortic Elongation",
+    *vocab.PADCHEST_EXTRA_FINDINGS,
     vocab.NO_FINDING,
 )
 

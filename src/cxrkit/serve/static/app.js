@@ -2,6 +2,7 @@
 "use strict";
 
 const HEATMAP_EXTRA_TOP = 3; // heatmaps for positive findings plus this many top-ranked others
+const TOKEN_KEY = "cxrkit-token"; // the bearer token, asked once and kept in sessionStorage (this tab only)
 
 const elements = {
   dropZone: document.getElementById("drop-zone"),
@@ -14,9 +15,12 @@ const elements = {
   caption: document.getElementById("image-caption"),
   findings: document.getElementById("findings"),
   summary: document.getElementById("summary"),
+  oodWarning: document.getElementById("ood-warning"),
   timing: document.getElementById("timing"),
   modelInfo: document.getElementById("model-info"),
   sizeLimit: document.getElementById("size-limit"),
+  tokenForm: document.getElementById("token-form"),
+  tokenInput: document.getElementById("token-input"),
 };
 
 let model = null;
@@ -31,9 +35,31 @@ function percent(value) {
   return `${(100 * value).toFixed(1)}%`;
 }
 
+// fetch with the stored bearer token; a 401 forgets it and asks for one
+async function authorisedFetch(url, options = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askForToken(token ? "The token was not accepted; enter it again." : null);
+  }
+  return response;
+}
+
+function askForToken(message) {
+  elements.tokenForm.hidden = false;
+  elements.tokenInput.focus();
+  if (message) setStatus(message, "error");
+}
+
 async function loadModel() {
   try {
-    const response = await fetch("v1/model");
+    const response = await authorisedFetch("v1/model");
+    if (response.status === 401) {
+      elements.modelInfo.textContent = "access token required";
+      return;
+    }
     model = await response.json();
     const labels = model.labels.length;
     elements.modelInfo.textContent = `${model.model.id} · v${model.model.version} · ${labels} findings · ${model.runtime}`;
@@ -50,13 +76,14 @@ async function upload(file) {
   elements.viewer.hidden = true;
   hideHeatmap();
   elements.summary.textContent = "";
+  showOodWarning(null);
   elements.timing.textContent = "";
   const form = new FormData();
   form.append("file", file, file.name);
   const query = new URLSearchParams({ heatmaps: "true", preview: "true", heatmap_top: String(HEATMAP_EXTRA_TOP) });
   let response;
   try {
-    response = await fetch(`v1/predict?${query}`, { method: "POST", body: form });
+    response = await authorisedFetch(`v1/predict?${query}`, { method: "POST", body: form });
   } catch (error) {
     setStatus(`Could not reach the server: ${error}`, "error");
     return;
@@ -81,6 +108,7 @@ function showResult(file, result) {
     ? `Flagged: ${positives.join(", ")}`
     : "No finding above its operating threshold.";
   elements.summary.className = positives.length ? "summary positive" : "summary";
+  showOodWarning(result.ood);
   const heatmaps = result.heatmaps || {};
   for (const prediction of result.predictions) {
     elements.findings.append(findingRow(prediction, heatmaps[prediction.label]));
@@ -92,6 +120,17 @@ function showResult(file, result) {
   setStatus(`Done: ${file.name}`, "ok");
   const first = result.predictions.find((prediction) => prediction.positive && heatmaps[prediction.label]);
   if (first) toggleHeatmap(first.label, heatmaps[first.label]);
+}
+
+// The out-of-distribution check: a visible warning when the image is unlike the training chest X-rays.
+function showOodWarning(ood) {
+  const flagged = Boolean(ood && ood.flagged);
+  elements.oodWarning.hidden = !flagged;
+  elements.oodWarning.textContent = flagged
+    ? "Warning: this does not look like a chest X-ray the model was trained on "
+      + `(out-of-distribution score ${ood.score.toFixed(1)} > threshold ${ood.threshold.toFixed(1)}). `
+      + "The findings below are unreliable."
+    : "";
 }
 
 function findingRow(prediction, heatmap) {
@@ -165,6 +204,14 @@ function onFiles(files) {
 }
 
 elements.fileInput.addEventListener("change", () => onFiles(elements.fileInput.files));
+elements.tokenForm.addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, elements.tokenInput.value.trim());
+  elements.tokenInput.value = "";
+  elements.tokenForm.hidden = true;
+  setStatus("", "info");
+  loadModel();
+});
 elements.opacity.addEventListener("input", () => {
   elements.overlay.style.opacity = String(elements.opacity.value / 100);
 });
