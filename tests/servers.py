@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -60,6 +61,25 @@ class BackgroundServer:
         service: ModelService = self._server.config.app.state.service
         if not service.ready.wait(timeout):
             raise RuntimeError(f"model not ready after {timeout} s: {service.error or 'still loading'}")
+
+
+def read_response(connection: socket.socket) -> str:
+    """One raw HTTP response off ``connection``: the head, then the body up to its Content-Length (or until
+    the peer closes). The head and the body may come in separate segments; one ``recv`` is not enough."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = connection.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while match is None or len(body) < int(match.group(1)):
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ from cxrkit.data.decode import Plausibility, probe_image
 from cxrkit.inference.predictor import Predictor
 from cxrkit.serve.app import ServiceSettings, create_app
 from cxrkit.serve.batching import MIB
-from servers import BackgroundServer
+from servers import BackgroundServer, read_response
 
 BUDGET = 64 * MIB
 
@@ -116,7 +116,7 @@ def test_slow_upload_gets_408_and_frees_its_slot(bundle_path: Path) -> None:
             time.sleep(0.3)
             assert service.budget.in_use > 0  # the partial upload holds memory while it trickles in
             started = time.monotonic()
-            answer = connection.recv(65536).decode(errors="replace")
+            answer = read_response(connection)
             waited = time.monotonic() - started
         assert answer.startswith("HTTP/1.1 408"), answer
         assert '"code":"upload_timeout"' in answer and waited < 5

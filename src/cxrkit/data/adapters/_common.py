@@ -21,6 +21,7 @@ from cxrkit.data.manifest import META_COLUMNS, Manifest
 
 log = logging.getLogger("cxrkit.data.adapters")
 
+
 @dataclass(frozen=True)
 class Location:
     """A folder on a local disk or behind an fsspec URL (``gs://``, ``s3://``, ``https://``, ``file://``)."""
