@@ -36,16 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from cxrkit.config import load_config
 from cxrkit.data.build import prepare_data
 from cxrkit.data.cache import Cache, open_cache
 from cxrkit.evaluation.bootstrap import bootstrap
 from cxrkit.evaluation.external import external_data_config, external_manifest
-from cxrkit.evaluation.metrics import Predictions, auroc, binarize, confusion_counts, rates
+from cxrkit.evaluation.metrics import Predictions, auroc, confusion_counts, rates
 from cxrkit.evaluation.run import open_data, predict_rows, split_rows
 from cxrkit.evaluation.thresholds import choose_thresholds
+from cxrkit.inference.calibrate import cross_fitted_decisions
 from cxrkit.inference.loading import LoadedModel, load_model
 from cxrkit.training.run import train
 
@@ -93,7 +93,7 @@ def score(runs: list[Path], tta: bool, out: Path, batch_size: int) -> dict[str, 
     as a bundle predicts) and, with ``tta``, ``tta``."""
     models = [load_model(run) for run in runs]
     cache = open_data(models[0])
-    external = external_cache(models[0], out / "cache-external")
+    external = external_cache(models[0], out / f"cache-external-{models[0].preprocess.intensity}")
     per_member = []
     for model in models:
         _same_task(model, models[0])
@@ -142,6 +142,8 @@ def _same_task(model: LoadedModel, first: LoadedModel) -> None:
         raise ValueError(f"{model.path} predicts {model.labels} ({model.activation}), unlike {first.path}")
     if model.config.data.split != first.config.data.split:
         raise ValueError(f"{model.path} was trained on another split than {first.path}: not comparable")
+    if model.preprocess != first.preprocess:
+        raise ValueError(f"{model.path} preprocesses images unlike {first.path}: one ensemble needs one")
 
 
 def mean_logit(members: list[Predictions]) -> Predictions:
@@ -187,14 +189,12 @@ def cross_fitted(pred: Predictions, method: str, folds: int, repeats: int) -> di
     of ``pred`` classifies the held-out fold; accuracy etc. over all images, then summarised over repeats."""
     label = pred.labels[0]
     y_true, _ = pred.column(label)
-    per_repeat = []
-    for repeat in range(repeats):
-        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=repeat)
-        predicted = np.zeros(len(pred))
-        for fit_rows, held_out in splitter.split(np.zeros(len(pred)), y_true, pred.patient_ids):
-            thresholds = choose_thresholds(pred.subset(fit_rows), method)
-            predicted[held_out] = binarize(pred.y_score[held_out], pred.labels, thresholds)[:, 0]
-        per_repeat.append(_rates(confusion_counts(y_true, predicted)))
+    per_repeat = [
+        _rates(
+            confusion_counts(y_true, cross_fitted_decisions(pred, method, n_folds=folds, seed=repeat)[:, 0])
+        )
+        for repeat in range(repeats)
+    ]
     summary = {"method": method, "folds": folds, "repeats": repeats}
     for name in ("accuracy", "sensitivity", "specificity"):
         values = np.array([repeat[name] for repeat in per_repeat])

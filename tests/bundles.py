@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -18,9 +19,16 @@ THRESHOLDS = {"Effusion": 0.0, "Infiltration": 0.5, "Atelectasis": 1.0}
 
 
 def tiny_bundle(
-    onnx: bool = True, policy: str = "letterbox", model_id: str = "tiny", version: str = "1.0"
+    onnx: bool = True,
+    policy: str = "letterbox",
+    model_id: str = "tiny",
+    version: str = "1.0",
+    intensity: str = "none",
+    thresholds: dict[str, float] | None = None,
+    sample: np.ndarray | None = None,
 ) -> Bundle:
-    """A random-weight resnet18 bundle at 80 px (model input 64 px)."""
+    """A random-weight resnet18 bundle at 80 px (model input 64 px); ``onnx`` adds its graph, checked
+    against PyTorch on ``sample`` cache images (default: noise)."""
     config = OmegaConf.structured(ModelConfig(arch="resnet18"))
     config.pretrained.source = "none"
     torch.manual_seed(0)
@@ -29,14 +37,14 @@ def tiny_bundle(
         model_id,
         version,
         LABELS,
-        THRESHOLDS,
+        THRESHOLDS if thresholds is None else thresholds,
         "test",
         "sigmoid",
-        PreprocessSpec(80, policy, 64),
+        PreprocessSpec(80, policy, 64, intensity=intensity),
         to_container(config),
         {},
         model.state_dict(),
     )
     if onnx:
-        add_onnx(bundle, model)
+        add_onnx(bundle, model, sample=sample)
     return bundle

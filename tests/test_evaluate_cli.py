@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
+from configs import tiny_run_config
 from cxrkit.cli.main import cli
 from cxrkit.config import load_config
 from cxrkit.evaluation.metrics import Predictions
@@ -60,42 +61,28 @@ def nih_table(nih: Path, n_test: int = 12, n_val: int = 12, n_train: int = 16) -
 def run_config(
     root: Path, table_csv: Path, name: str, seed: int, cache_dir: Path, size: int = 64, crop: int = 56
 ) -> dict:
-    return {
-        "name": name,
-        "seed": seed,
-        "output_dir": str(root / name),
-        "data": {
-            "sources": [
-                {
-                    "adapter": "table",
-                    "root": str(table_csv),
-                    "options": {
-                        "label_columns": LABELS,
-                        "patient_column": "patient",
-                        "split_column": "split",
-                        "sex_column": "sex",
-                        "age_column": "age",
-                        "view_column": "view",
-                    },
-                }
-            ],
-            "labels": LABELS,
-            "no_finding": "zeros",
-            "cache": {"dir": str(cache_dir), "image_size": size, "workers": 1},
-            "augment": {"crop_size": crop},
-            "loader": {"batch_size": 16},
-        },
-        "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
-        "train": {
-            "max_epochs": 1,
-            "loggers": ["csv"],
-            "accelerator": "cpu",
-            "devices": "1",
-            "log_every_n_steps": 1,
-            "optimizer": {"name": "adamw", "lr": 0.003},
-            "scheduler": {"name": "none"},
+    table = {
+        "adapter": "table",
+        "root": str(table_csv),
+        "options": {
+            "label_columns": LABELS,
+            "patient_column": "patient",
+            "split_column": "split",
+            "sex_column": "sex",
+            "age_column": "age",
+            "view_column": "view",
         },
     }
+    return tiny_run_config(
+        name,
+        root / name,
+        [table],
+        cache_dir,
+        image_size=size,
+        crop_size=crop,
+        seed=seed,
+        data={"labels": LABELS},
+    )
 
 
 def write_yaml(path: Path, spec: dict) -> Path:

@@ -12,6 +12,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
+from configs import tiny_run_config
 from cxrkit.cli.main import cli
 from cxrkit.config import load_config
 from cxrkit.data.cache import open_cache
@@ -50,38 +51,22 @@ def run_dir(tmp_path_factory, nih_sample) -> Path:
         }
     )
     table.to_csv(root / "table.csv", index=False)
-    spec = {
-        "name": "explain-tiny",
-        "seed": 3,
-        "output_dir": str(root / "run"),
-        "data": {
-            "sources": [
-                {
-                    "adapter": "table",
-                    "root": str(root / "table.csv"),
-                    "options": {
-                        "label_columns": LABELS,
-                        "patient_column": "patient",
-                        "split_column": "split",
-                    },
-                }
-            ],
-            "labels": LABELS,
-            "no_finding": "zeros",
-            "cache": {"dir": str(root / "cache"), "image_size": 128, "workers": 1},
-            "augment": {"crop_size": CROP},
-            "loader": {"batch_size": 8},
-        },
-        "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
-        "train": {
-            "max_epochs": 1,
-            "loggers": ["csv"],
-            "accelerator": "cpu",
-            "devices": "1",
-            "log_every_n_steps": 1,
-            "scheduler": {"name": "none"},
-        },
+    table = {
+        "adapter": "table",
+        "root": str(root / "table.csv"),
+        "options": {"label_columns": LABELS, "patient_column": "patient", "split_column": "split"},
     }
+    spec = tiny_run_config(
+        "explain-tiny",
+        root / "run",
+        [table],
+        root / "cache",
+        image_size=128,
+        crop_size=CROP,
+        batch_size=8,
+        seed=3,
+        data={"labels": LABELS},
+    )
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
     return train(load_config(root / "spec.yaml"))
 

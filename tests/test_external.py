@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from bundles import tiny_bundle
+from configs import tiny_run_config
 from cxrkit.cli.main import cli
 from cxrkit.config import load_config
 from cxrkit.data.manifest import Manifest
@@ -55,28 +56,13 @@ def site(tmp_path_factory, pneumonia_root: Path) -> dict:
             root / "site" / "test" / label,
             _images(pneumonia_root / "test" / label)[:8],
         )
-    spec = {
-        "name": "tiny-pneumonia",
-        "seed": 0,
-        "output_dir": str(root / "run"),
-        "data": {
-            "sources": [{"adapter": "folder", "root": str(root / "data" / "train")}],
-            "no_finding": "zeros",
-            "split": {"method": "random", "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0},
-            "cache": {"dir": str(root / "cache"), "image_size": 64, "workers": 1},
-            "augment": {"crop_size": 56},
-            "loader": {"batch_size": 16},
-        },
-        "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
-        "train": {
-            "max_epochs": 1,
-            "loggers": ["csv"],
-            "accelerator": "cpu",
-            "devices": "1",
-            "optimizer": {"name": "adamw", "lr": 0.003},
-            "scheduler": {"name": "none"},
-        },
-    }
+    spec = tiny_run_config(
+        "tiny-pneumonia",
+        root / "run",
+        [{"adapter": "folder", "root": str(root / "data" / "train")}],
+        root / "cache",
+        data={"split": {"method": "random", "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0}},
+    )
     config_path = root / "run.yaml"
     config_path.write_text(yaml.safe_dump(spec))
     return {"root": root, "run": train(load_config(config_path)), "pneumonia": pneumonia_root}

@@ -11,23 +11,20 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cxrkit.config import to_container
+from bundles import LABELS, tiny_bundle
 from cxrkit.data.decode import read_image
 from cxrkit.data.transforms import PreprocessSpec
-from cxrkit.inference.bundle import Bundle
 from cxrkit.inference.export import add_onnx
 from cxrkit.inference.onnx_export import MIN_OPSET, create_session, export_onnx, run_session
 from cxrkit.models.config import ModelConfig
 from cxrkit.models.factory import create_model
 
-LABELS = ["Effusion", "Infiltration", "Atelectasis"]
 
-
-def _network(arch: str) -> tuple[torch.nn.Module, dict]:
+def _network(arch: str) -> torch.nn.Module:
     config = OmegaConf.structured(ModelConfig(arch=arch))
     config.pretrained.source = "none"
     torch.manual_seed(0)
-    return create_model(config, len(LABELS)).eval(), to_container(config)
+    return create_model(config, len(LABELS)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +53,7 @@ def _model_input(spec: PreprocessSpec, paths: list[Path]) -> np.ndarray:
 
 
 def test_graph_has_dynamic_batch_and_a_recent_opset(tmp_path: Path) -> None:
-    model, _ = _network("resnet18")
+    model = _network("resnet18")
     path = export_onnx(model, tmp_path / "m.onnx", crop_size=64)
     graph = onnx.load(str(path))
     opset = next(entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx"))
@@ -78,7 +75,7 @@ def test_graph_has_dynamic_batch_and_a_recent_opset(tmp_path: Path) -> None:
 def test_onnx_runtime_matches_pytorch_on_real_images(
     arch: str, size: int, crop: int, real_paths: list[Path], tmp_path: Path
 ) -> None:
-    model, _ = _network(arch)
+    model = _network(arch)
     spec = PreprocessSpec(size, "letterbox", crop)
     images = _model_input(spec, real_paths)
     session = create_session(export_onnx(model, tmp_path / "m.onnx", crop_size=crop))
@@ -90,19 +87,20 @@ def test_onnx_runtime_matches_pytorch_on_real_images(
 
 
 def test_bundle_records_parity(real_paths: list[Path]) -> None:
-    model, config = _network("resnet18")
-    bundle = Bundle(
-        "t",
-        "1",
-        LABELS,
-        dict.fromkeys(LABELS, 0.5),
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "crop", 64),
-        config,
-        {},
-        model.state_dict(),
-    )
+    bundle = tiny_bundle(onnx=False, policy="crop")
     sample = np.stack([bundle.preprocess.cache_image(read_image(path))[0] for path in real_paths])
-    add_onnx(bundle, model, sample=sample)
+    add_onnx(bundle, bundle.build_model(), sample=sample)
     assert bundle.onnx is not None and 0 <= bundle.onnx_parity < 1e-4
+
+
+def test_same_padding_is_exported_as_constants(tmp_path: Path) -> None:
+    """tf_efficientnet_* pad "SAME" per call; at a bundle's fixed size the graph pads by constants, with no
+    shape arithmetic left, and gives the same logits."""
+    model = _network("tf_efficientnet_lite0")
+    graph = onnx.load(str(export_onnx(model, tmp_path / "m.onnx", crop_size=96)))
+    operators = {node.op_type for node in graph.graph.node}
+    assert "Pad" in operators and not operators & {"Shape", "Gather", "Ceil"}, operators
+    images = np.random.default_rng(0).random((3, 1, 96, 96), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    assert np.abs(run_session(create_session(tmp_path / "m.onnx"), images) - expected).max() < 1e-4

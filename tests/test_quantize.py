@@ -10,15 +10,14 @@ import onnx
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from cxrkit.config import to_container
+from bundles import LABELS, tiny_bundle
 from cxrkit.data.decode import read_image
 from cxrkit.data.transforms import PreprocessSpec
 from cxrkit.evaluation.metrics import Predictions
 from cxrkit.evaluation.thresholds import OperatingPoints
 from cxrkit.inference.bundle import Bundle, BundleError
-from cxrkit.inference.export import ValidationData, add_int8, add_onnx
+from cxrkit.inference.export import ValidationData, add_int8
 from cxrkit.inference.predictor import Predictor, choose_backend
 from cxrkit.inference.quantize import (
     QuantizationReport,
@@ -28,10 +27,6 @@ from cxrkit.inference.quantize import (
     per_finding_auroc,
     quantize_static_onnx,
 )
-from cxrkit.models.config import ModelConfig
-from cxrkit.models.factory import create_model
-
-LABELS = ["Effusion", "Infiltration", "Atelectasis"]
 
 
 @pytest.mark.parametrize(
@@ -89,24 +84,7 @@ def nih(nih_sample: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def bundle(nih) -> Bundle:
-    config = OmegaConf.structured(ModelConfig(arch="resnet18"))
-    config.pretrained.source = "none"
-    torch.manual_seed(0)
-    model = create_model(config, len(LABELS)).eval()
-    made = Bundle(
-        "t",
-        "1",
-        LABELS,
-        dict.fromkeys(LABELS, 0.5),
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "letterbox", 64),
-        to_container(config),
-        {},
-        model.state_dict(),
-    )
-    add_onnx(made, model, sample=nih[0][:4])
-    return made
+    return tiny_bundle(thresholds=dict.fromkeys(LABELS, 0.5), sample=nih[0][:4])
 
 
 def _data(nih) -> ValidationData:

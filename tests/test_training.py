@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from configs import tiny_run_config
 from cxrkit.cli.main import cli
 from cxrkit.config import ConfigError, load_config
 from cxrkit.evaluation.metrics import MACRO, Predictions, ranking_table
@@ -216,30 +217,21 @@ def make_folder_dataset(root: Path, per_class: int = 24, size: int = 40, seed: i
 
 def write_cli_config(tmp_path: Path, data_root: Path, name: str = "e2e", **train: object) -> Path:
     """A complete ``cxr train`` YAML config for :func:`make_folder_dataset` with timm's tiny test ResNet."""
-    config = {
-        "name": name,
-        "seed": 5,
-        "output_dir": str(tmp_path / "runs" / name),
-        "data": {
-            "sources": [{"adapter": "folder", "root": str(data_root)}],
-            "no_finding": "zeros",
+    config = tiny_run_config(
+        name,
+        tmp_path / "runs" / name,
+        [{"adapter": "folder", "root": str(data_root)}],
+        tmp_path / "cache",
+        image_size=32,
+        crop_size=28,
+        batch_size=8,
+        seed=5,
+        data={
             "split": {"method": "random", "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0},
-            "cache": {"dir": str(tmp_path / "cache"), "image_size": 32, "workers": 1},
             "augment": {"crop_size": 28, "rotation_degrees": 5.0},
-            "loader": {"batch_size": 8},
         },
-        "model": {"arch": "test_resnet", "pretrained": {"source": "none"}},
-        "train": {
-            **({} if "stages" in train else {"max_epochs": 2}),  # stages decide the length themselves
-            "loggers": ["csv"],
-            "accelerator": "cpu",
-            "devices": "1",
-            "log_every_n_steps": 1,
-            "optimizer": {"name": "adamw", "lr": 0.003},
-            "scheduler": {"name": "cosine", "warmup_epochs": 0.5},
-            **train,
-        },
-    }
+        train={"max_epochs": 2, "scheduler": {"name": "cosine", "warmup_epochs": 0.5}, **train},
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

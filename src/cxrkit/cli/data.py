@@ -123,6 +123,7 @@ def describe_command(
             seed=config.seed,
             image_size=config.data.cache.image_size,
             resize_policy=config.data.cache.resize_policy,
+            intensity=config.data.cache.intensity,
         )
     click.echo(f"report: {path}")
 

@@ -197,6 +197,7 @@ def prepare_data(
         cache.dir,
         image_size=int(cache.image_size),
         resize_policy=str(cache.resize_policy),
+        intensity=str(cache.intensity),
         shard_size=int(cache.shard_size),
         workers=int(cache.workers),
         shard=shard,

@@ -3,7 +3,8 @@
 Training from 1024² PNGs spends most of its time decoding; the cache pays that once. Layout of ``out_dir``::
 
     cache.json               settings fixed when the cache was created (image_size, resize_policy,
-                             shard_size); a later prepare asking for others raises CacheMismatchError
+                             intensity, shard_size); a later prepare asking for others raises
+                             CacheMismatchError
     source_manifest.csv      the manifest being cached (+ .labels.json), read by merge_cache
     shards/shard_00000.npy   uint8 (n, S, S): the rows of shard 0 that decoded, in manifest order
     shards/shard_00000.json  that shard's record: input hash, cached rows with their geometry, failures
@@ -29,7 +30,8 @@ Resize policies (``S`` = image_size; see :class:`cxrkit.data.transforms.Geometry
 * ``crop``: the shorter side becomes S, aspect kept, the centre S x S is kept.
 * ``stretch``: both sides become S (aspect not kept).
 
-Resizing is antialiased bilinear (PIL).
+Resizing is antialiased bilinear (PIL). ``intensity`` (``none``, ``equalize``, ``clahe``) normalises contrast
+before resizing (:func:`cxrkit.data.transforms.adjust_intensity`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -57,7 +60,14 @@ from tqdm.auto import tqdm
 import cxrkit
 from cxrkit.data.decode import ImageDecodeError, read_image
 from cxrkit.data.manifest import Manifest
-from cxrkit.data.transforms import GEOMETRY_COLUMNS, RESIZE_POLICIES, Geometry
+from cxrkit.data.transforms import (
+    GEOMETRY_COLUMNS,
+    INTENSITY_MODES,
+    RESIZE_POLICIES,
+    Geometry,
+    adjust_intensity,
+    cache_settings,
+)
 from cxrkit.files import fsync_directory, write_atomic
 
 _FORMAT_VERSION = 1
@@ -112,11 +122,11 @@ class _Settings:
     image_size: int
     resize_policy: str
     shard_size: int
+    intensity: str = "none"
 
     def as_dict(self) -> dict:
         return {
-            "image_size": self.image_size,
-            "resize_policy": self.resize_policy,
+            **cache_settings(self.image_size, self.resize_policy, self.intensity),
             "shard_size": self.shard_size,
         }
 
@@ -134,6 +144,7 @@ def prepare_cache(
     *,
     image_size: int = 256,
     resize_policy: str = "letterbox",
+    intensity: str = "none",
     shard_size: int = 1024,
     workers: int = 0,
     shard: tuple[int, int] | None = None,
@@ -144,10 +155,10 @@ def prepare_cache(
     ``workers``: decoding processes (0 = all available cores, 1 = in this process). ``shard=(i, n)``
     builds only shards ``k % n == i`` and leaves the merge to :func:`merge_cache`; ``None`` builds all and
     merges. Files that cannot be decoded are skipped and reported. Raises :class:`CacheMismatchError` when
-    ``out_dir`` holds a cache made with another image size, resize policy or shard size.
+    ``out_dir`` holds a cache made with another image size, resize policy, intensity or shard size.
     """
     started = time.perf_counter()
-    settings = _Settings(int(image_size), str(resize_policy), int(shard_size))
+    settings = _Settings(int(image_size), str(resize_policy), int(shard_size), str(intensity))
     _check_arguments(manifest, settings, shard)
     out_dir = Path(out_dir)
     (out_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -185,6 +196,8 @@ def _check_arguments(manifest: Manifest, settings: _Settings, shard: tuple[int, 
         raise ValueError("cannot cache an empty manifest")
     if settings.resize_policy not in RESIZE_POLICIES:
         raise ValueError(f"resize_policy must be one of {RESIZE_POLICIES}, got {settings.resize_policy!r}")
+    if settings.intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {settings.intensity!r}")
     if settings.image_size < 8:
         raise ValueError(f"image_size must be at least 8, got {settings.image_size}")
     if settings.shard_size < 1:
@@ -198,7 +211,7 @@ def _claim_settings(out_dir: Path, settings: _Settings) -> None:
     path = out_dir / "cache.json"
     if path.exists():
         existing = json.loads(path.read_text())
-        if {k: existing.get(k) for k in settings.as_dict()} != settings.as_dict():
+        if {**_content_settings(existing), "shard_size": existing.get("shard_size")} != settings.as_dict():
             raise CacheMismatchError(
                 f"cache {out_dir} was built with {_describe(existing)}, but this call asks for "
                 f"{_describe(settings.as_dict())}; use another directory or delete {out_dir}"
@@ -207,8 +220,15 @@ def _claim_settings(out_dir: Path, settings: _Settings) -> None:
     write_atomic(path, json.dumps({"format": _FORMAT_VERSION, **settings.as_dict()}, indent=2).encode())
 
 
+def _content_settings(settings: dict) -> dict:
+    """The image settings of a cache.json (caches made before ``intensity`` have none)."""
+    intensity = settings.get("intensity", "none")
+    return cache_settings(settings["image_size"], settings["resize_policy"], intensity)
+
+
 def _describe(settings: dict) -> str:
-    return ", ".join(f"{k}={settings.get(k)!r}" for k in ("image_size", "resize_policy", "shard_size"))
+    keys = ("image_size", "resize_policy", "intensity", "shard_size")
+    return ", ".join(f"{k}={settings.get(k, 'none')!r}" for k in keys)
 
 
 def _write_source_manifest(out_dir: Path, manifest: Manifest) -> None:
@@ -306,7 +326,7 @@ def _build_shards(
     if not pending:
         return
     tasks = (
-        (row, paths[row], settings.image_size, settings.resize_policy)
+        (row, paths[row], settings.image_size, settings.resize_policy, settings.intensity)
         for p in pending
         for row in range(p.start, p.stop)
     )
@@ -382,15 +402,17 @@ def _exit_worker(signum: int, _frame: object) -> None:
     sys.exit(128 + signum)
 
 
-def _process_row(task: tuple[int, str, int, str]) -> tuple[int, str, np.ndarray | None, Geometry | None, str]:
-    """Decode and resize one image (runs in a worker); a decoding failure is returned, not raised."""
-    row, path, size, policy = task
+def _process_row(
+    task: tuple[int, str, int, str, str],
+) -> tuple[int, str, np.ndarray | None, Geometry | None, str]:
+    """Decode, normalise and resize one image (in a worker); a decoding failure is returned, not raised."""
+    row, path, size, policy, intensity = task
     try:
         image = read_image(path)
     except ImageDecodeError as exc:
         return row, path, None, None, exc.reason
     geometry = Geometry.fit(image.shape[0], image.shape[1], size, policy)
-    return row, path, geometry.apply(image), geometry, ""
+    return row, path, geometry.apply(adjust_intensity(image, intensity)), geometry, ""
 
 
 class _ShardWriter:
@@ -462,7 +484,8 @@ def merge_cache(out_dir: str | os.PathLike) -> Path:
     meta = {
         "format": _FORMAT_VERSION,
         "cxrkit_version": cxrkit.__version__,
-        **{k: settings[k] for k in ("image_size", "resize_policy", "shard_size")},
+        **_content_settings(settings),
+        "shard_size": settings["shard_size"],
         "source_manifest_sha256": hashlib.sha256(source_path.read_bytes()).hexdigest(),
         "n_source_rows": len(source),
         "n_images": sum(len(record["rows"]) for record in records),
@@ -591,10 +614,16 @@ class Cache:
             )
         self.image_size = int(self.meta["image_size"])
         self.resize_policy = str(self.meta["resize_policy"])
+        self.intensity = str(self.meta.get("intensity", "none"))
         self._shard_files = [self.out_dir / shard["file"] for shard in self.meta["shards"]]
         self._shard_of = self.manifest.frame["shard"].to_numpy(dtype=np.int64)
         self._offset_of = self.manifest.frame["offset"].to_numpy(dtype=np.int64)
         self._memmaps: list[np.ndarray] | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Image size, resize policy and intensity: what a model's preprocessing must match."""
+        return cache_settings(self.image_size, self.resize_policy, self.intensity)
 
     def __len__(self) -> int:
         return len(self.manifest)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 SplitMethod = Literal["official", "random", "kfold"]
 ResizePolicy = Literal["letterbox", "crop", "stretch"]
 EvalMode = Literal["resize", "center_crop"]
+Intensity = Literal["none", "equalize", "clahe"]
 NoFinding = Literal["class", "zeros"]
 View = Literal["PA", "AP", "LAT", "OTHER"]
 
@@ -49,6 +50,7 @@ class CacheConfig:
     dir: str = "runs/cache/${name}-${data.cache.image_size}"
     image_size: int = 256
     resize_policy: ResizePolicy = "letterbox"
+    intensity: Intensity = "none"  # contrast normalisation before resizing: equalize or clahe (transforms)
     shard_size: int = 1024
     workers: int = 0
 

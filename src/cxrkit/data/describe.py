@@ -27,7 +27,7 @@ from cxrkit.data import labels as vocab
 from cxrkit.data.augment import BatchAugment
 from cxrkit.data.cache import open_cache
 from cxrkit.data.manifest import SPLITS, Manifest
-from cxrkit.data.transforms import Geometry
+from cxrkit.data.transforms import PreprocessSpec
 from cxrkit.reporting import plots
 from cxrkit.reporting.html import Report
 
@@ -186,6 +186,7 @@ def describe(
     seed: int = 0,
     image_size: int = 256,
     resize_policy: str = "letterbox",
+    intensity: str = "none",
     failures: pd.DataFrame | None = None,
     title: str = "Data description",
 ) -> Path:
@@ -196,7 +197,7 @@ def describe(
     ``failures`` table (columns ``path``, ``reason``), e.g. the corrupt files found while caching.
     ``augment_cfg`` (:class:`~cxrkit.data.config.AugmentConfig`) adds a grid of augmented samples, made by
     :class:`cxrkit.data.augment.BatchAugment` on samples resized as the cache does (``image_size``,
-    ``resize_policy``: see :mod:`cxrkit.data.cache`).
+    ``resize_policy``, ``intensity``: see :mod:`cxrkit.data.cache`).
     """
     if not len(manifest):
         raise ValueError("cannot describe an empty manifest (0 images)")
@@ -210,7 +211,8 @@ def describe(
     loader = images if images is not None else _original_loader(manifest)
     samples, load_failures = _load_samples(manifest, loader, n_samples, seed)
     _samples_section(report, manifest, samples)
-    inputs = [Geometry.fit(*image.shape, image_size, resize_policy).apply(image) for _, image in samples[:4]]
+    spec = PreprocessSpec(image_size, resize_policy, image_size, intensity=intensity)
+    inputs = [spec.cache_image(image)[0] for _, image in samples[:4]]
     _augment_section(report, inputs, augment_cfg, seed)
     _failures_section(report, pd.concat([f for f in (failures, load_failures) if len(f)] or [failures]))
     path = report.write(out_dir)
@@ -234,6 +236,7 @@ def describe_cache(
         seed=seed,
         image_size=cache.image_size,
         resize_policy=cache.resize_policy,
+        intensity="none",  # cache images are already normalised
         failures=failures,
     )
 

@@ -34,6 +34,27 @@ GEOMETRY_COLUMNS: tuple[str, ...] = (
     "shift_y",
 )
 EVAL_MODES: tuple[str, ...] = ("resize", "center_crop")
+INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe")
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = 8
+
+
+def adjust_intensity(image: np.ndarray, mode: str) -> np.ndarray:
+    """The cache step's contrast normalisation of a decoded uint8 ``(H, W)`` image, before resizing (so
+    letterbox padding stays black): ``none``; ``equalize``, global histogram equalisation; ``clahe``,
+    contrast-limited adaptive equalisation (OpenCV; clip limit 2, 8 x 8 tiles over the image), which evens
+    out the exposure and post-processing differences between sites and devices."""
+    if mode == "none":
+        return image
+    import cv2
+
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    if mode == "equalize":
+        return cv2.equalizeHist(image)
+    if mode == "clahe":
+        clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=(CLAHE_TILES, CLAHE_TILES))
+        return clahe.apply(image)
+    raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {mode!r}")
 
 
 class PreprocessSpecError(ValueError):
@@ -142,10 +163,22 @@ def _overlap(shift: int, length: int, size: int) -> tuple[int, int, int]:
     return src, dst, min(length - src, size - dst)
 
 
+def cache_settings(image_size: int, resize_policy: str, intensity: str = "none") -> dict[str, Any]:
+    """The settings that make two caches' images interchangeable (a cache's, a data config's, a spec's)."""
+    return {"image_size": int(image_size), "resize_policy": str(resize_policy), "intensity": str(intensity)}
+
+
+def describe_cache_settings(settings: dict[str, Any]) -> str:
+    """``224 px (letterbox)``, ``224 px (letterbox, clahe)``."""
+    extra = "" if settings.get("intensity", "none") == "none" else f", {settings['intensity']}"
+    return f"{settings['image_size']} px ({settings['resize_policy']}{extra})"
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a decoded uint8 image becomes model input, exactly as in training and evaluation: the cache step
-    (:class:`Geometry`: ``resize_policy`` to ``image_size``) then the evaluation transform
+    (:func:`adjust_intensity` by ``intensity``, then :class:`Geometry`: ``resize_policy`` to ``image_size``)
+    then the evaluation transform
     (:func:`cxrkit.data.augment.eval_transform` to ``crop_size`` with ``eval_mode``) on values in [0, 1].
     Intensity normalisation happens inside the network."""
 
@@ -153,6 +186,7 @@ class PreprocessSpec:
     resize_policy: str
     crop_size: int
     eval_mode: str = "resize"
+    intensity: str = "none"
 
     def __post_init__(self) -> None:
         if self.resize_policy not in RESIZE_POLICIES:
@@ -161,6 +195,8 @@ class PreprocessSpec:
             )
         if self.eval_mode not in EVAL_MODES:
             raise PreprocessSpecError(f"eval_mode must be one of {EVAL_MODES}, got {self.eval_mode!r}")
+        if self.intensity not in INTENSITY_MODES:
+            raise PreprocessSpecError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
         if not 0 < self.crop_size <= self.image_size:
             raise PreprocessSpecError(
                 f"crop_size {self.crop_size} must be in 1..image_size ({self.image_size})"
@@ -169,7 +205,12 @@ class PreprocessSpec:
     def cache_image(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """The uint8 ``(image_size, image_size)`` image the training cache would hold, and its geometry."""
         geometry = Geometry.fit(image.shape[0], image.shape[1], self.image_size, self.resize_policy)
-        return geometry.apply(image), geometry
+        return geometry.apply(adjust_intensity(image, self.intensity)), geometry
+
+    @property
+    def cache_settings(self) -> dict[str, Any]:
+        """What a training cache must have been built with to hold this spec's cache images."""
+        return cache_settings(self.image_size, self.resize_policy, self.intensity)
 
     def model_input(self, cache_images: np.ndarray) -> np.ndarray:
         """uint8 cache images ``[B, S, S]`` → float32 model input ``[B, 1, crop, crop]`` in [0, 1]."""
@@ -189,6 +230,7 @@ class PreprocessSpec:
             "resize_policy": self.resize_policy,
             "crop_size": self.crop_size,
             "eval_mode": self.eval_mode,
+            "intensity": self.intensity,
             "input": f"float32 [batch, 1, {self.crop_size}, {self.crop_size}] in [0, 1]",
         }
 
@@ -201,6 +243,7 @@ class PreprocessSpec:
             str(cache.resize_policy),
             int(augment.crop_size),
             str(getattr(augment, "eval_mode", "resize")),
+            str(getattr(cache, "intensity", "none")),
         )
 
     @classmethod
@@ -210,6 +253,7 @@ class PreprocessSpec:
             str(values["resize_policy"]),
             int(values["crop_size"]),
             str(values.get("eval_mode", "resize")),
+            str(values.get("intensity", "none")),
         )
 
 

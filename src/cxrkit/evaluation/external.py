@@ -141,8 +141,7 @@ def external_data_config(data: str | Path, model: LoadedModel, cache_dir: Path) 
     section.labels = []
     section.no_finding = "class"
     section.cache.dir = str(cache_dir)
-    section.cache.image_size = model.preprocess.image_size
-    section.cache.resize_policy = model.preprocess.resize_policy
+    section.cache.update(model.preprocess.cache_settings)
     return section
 
 

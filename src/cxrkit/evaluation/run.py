@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from cxrkit.data.cache import Cache
 from cxrkit.data.manifest import SPLITS
 from cxrkit.data.run_manifest import fitted_on, training_patients
+from cxrkit.data.transforms import describe_cache_settings
 from cxrkit.evaluation.compare import ComparisonResult, compare_runs
 from cxrkit.evaluation.evaluator import TEMPERATURE_MODES, EvaluationResult, evaluate, jsonable
 from cxrkit.evaluation.leakage import check_patient_leakage
@@ -80,10 +81,10 @@ def open_data(loaded: LoadedModel) -> Cache:
         )
     cache = open_cache(data.cache.dir)
     spec = loaded.preprocess
-    if (cache.image_size, cache.resize_policy) != (spec.image_size, spec.resize_policy):
+    if cache.settings != spec.cache_settings:
         raise ValueError(
-            f"cache {cache.out_dir} holds {cache.image_size} px ({cache.resize_policy}) images; the model "
-            f"expects {spec.image_size} px ({spec.resize_policy})"
+            f"cache {cache.out_dir} holds {describe_cache_settings(cache.settings)} images; the model "
+            f"expects {describe_cache_settings(spec.cache_settings)}"
         )
     return cache
 

@@ -178,8 +178,7 @@ def predict_site(
     config = None
     if not bundle.provenance.get("config"):  # no training config: the site data needs only the geometry
         config = OmegaConf.structured(RunConfig)
-        config.data.cache.image_size = bundle.preprocess.image_size
-        config.data.cache.resize_policy = bundle.preprocess.resize_policy
+        config.data.cache.update(bundle.preprocess.cache_settings)
     loaded = load_model(bundle_path, config=config, backend="torch")  # the int8 graph is not carried over
     with tempfile.TemporaryDirectory(prefix="cxr-site-") as work:
         section = external_data_config(data, loaded, Path(work) / "cache")

@@ -376,21 +376,14 @@ def _spread(total: int, count: int) -> np.ndarray:
 def _load_validation(config: Any, labels: list[str], run_dir: Path) -> ValidationData | None:
     """The run's validation split through its own manifest and cache (built if absent, reused if current);
     None, with a warning, when the data cannot be read."""
-    from cxrkit.data.build import build_run_manifest
-    from cxrkit.data.cache import open_cache, prepare_cache
+    from cxrkit.data.build import build_run_manifest, prepare_data
+    from cxrkit.data.cache import open_cache
     from cxrkit.inference.quantize import CALIBRATION_IMAGES
 
     cache_cfg = config.data.cache
     try:
         manifest = build_run_manifest(config.data, run_dir)  # the splits the run stored
-        prepare_cache(
-            manifest,
-            cache_cfg.dir,
-            image_size=int(cache_cfg.image_size),
-            resize_policy=str(cache_cfg.resize_policy),
-            shard_size=int(cache_cfg.shard_size),
-            workers=int(cache_cfg.workers),
-        )
+        prepare_data(config.data, manifest=manifest)
         cache = open_cache(cache_cfg.dir)
     except (OSError, ValueError, RuntimeError) as error:
         log.warning("cannot read the validation split of run %r: %s", str(config.name), error)

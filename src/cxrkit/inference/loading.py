@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cxrkit.config import RunConfig, load_config
-from cxrkit.data.transforms import PreprocessSpec
+from cxrkit.data.transforms import PreprocessSpec, cache_settings, describe_cache_settings
 from cxrkit.evaluation.thresholds import OperatingPoints
 from cxrkit.inference.bundle import MANIFEST, ZIP_SUFFIXES, Bundle
 from cxrkit.inference.runner import Runner, task_for
@@ -128,11 +128,12 @@ def _load_bundle(path: Path, config: str | Path | DictConfig | None, backend: st
         )
     cache = run_config.data.cache
     spec = bundle.preprocess
-    if (int(cache.image_size), str(cache.resize_policy)) != (spec.image_size, spec.resize_policy):
+    configured = cache_settings(cache.image_size, cache.resize_policy, cache.get("intensity", "none"))
+    if configured != spec.cache_settings:
         raise ValueError(
-            f"the data config caches images at {cache.image_size} px ({cache.resize_policy}) but bundle "
-            f"{path} expects {spec.image_size} px ({spec.resize_policy}); set data.cache.image_size and "
-            "data.cache.resize_policy to match"
+            f"the data config caches images at {describe_cache_settings(configured)} but bundle {path} "
+            f"expects {describe_cache_settings(spec.cache_settings)}; set data.cache.image_size, "
+            "resize_policy and intensity to match"
         )
     points = OperatingPoints(
         bundle.thresholds_for(backend),

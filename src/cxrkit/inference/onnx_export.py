@@ -3,18 +3,23 @@
 The graph takes ``image``: float32 ``[batch, 1, crop, crop]`` in [0, 1] (normalisation is inside the network,
 as in PyTorch) and returns ``logits``: float32 ``[batch, num_classes]``; bundles' graphs also return
 ``features``: float32 ``[batch, C]``, the pooled backbone features the out-of-distribution detector scores
-(:mod:`cxrkit.inference.ood`), from the same forward pass.
+(:mod:`cxrkit.inference.ood`), from the same forward pass. A bundle's spatial size is fixed, so TF-style
+"SAME" padding (timm's ``*Same`` layers, e.g. in ``tf_efficientnet_*``) is exported as constant padding,
+not as the per-call shape arithmetic that ONNX Runtime cannot fold and that slows fp32 and int8 alike.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cxrkit.extras import require
@@ -41,6 +46,62 @@ class _WithFeatures(nn.Module):
         return self.model.forward_with_features(images)
 
 
+class _ConstantPadThen(nn.Module):
+    """``layer`` (a timm ``*Same`` layer, whose own padding is 0) after a constant ``pads`` padding: the
+    padding its forward computes from the input size, fixed for one size."""
+
+    def __init__(self, layer: nn.Module, pads: tuple[int, int, int, int], value: float) -> None:
+        super().__init__()
+        self.layer, self.pads, self.value = layer, pads, value
+        self.torch_layer = next(cls for cls in type(layer).__mro__ if cls.__module__.startswith("torch.nn"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.torch_layer.forward(self.layer, F.pad(x, self.pads, value=self.value))
+
+
+def _same_padding_layers() -> dict[type, float]:
+    """timm's dynamic "SAME" layers and the value each pads with."""
+    from timm.layers.conv2d_same import Conv2dSame
+    from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+
+    return {Conv2dSame: 0.0, AvgPool2dSame: 0.0, MaxPool2dSame: float("-inf")}
+
+
+def with_static_padding(model: nn.Module, crop_size: int) -> nn.Module:
+    """A copy of ``model`` whose dynamic "SAME" layers pad by constants fixed for ``crop_size`` inputs
+    (the same numbers; ``model`` itself is left as it is)."""
+    from timm.layers.padding import pad_same_arg
+
+    values = _same_padding_layers()
+    model = copy.deepcopy(model).eval()
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            sizes[name] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    hooks = [
+        module.register_forward_pre_hook(record(name))
+        for name, module in model.named_modules()
+        if type(module) in values
+    ]
+    if not hooks:
+        return model
+    with torch.no_grad():
+        model(torch.zeros(1, 1, crop_size, crop_size))
+    for hook in hooks:
+        hook.remove()
+    for name, size in sizes.items():
+        parent_name, _, child = name.rpartition(".")
+        parent, layer = model.get_submodule(parent_name), model.get_submodule(name)
+        dilation = getattr(layer, "dilation", (1, 1))
+        pads = pad_same_arg(list(size), list(layer.kernel_size), list(layer.stride), list(dilation))
+        setattr(parent, child, _ConstantPadThen(layer, tuple(pads), values[type(layer)]))
+    return model
+
+
 def export_onnx(
     model: nn.Module, path: str | Path, crop_size: int, opset: int = MIN_OPSET, features: bool = False
 ) -> Path:
@@ -51,7 +112,7 @@ def export_onnx(
     onnx = require("onnx", "ONNX export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
+    model = with_static_padding(model.eval().cpu(), crop_size)
     example = torch.rand(2, 1, crop_size, crop_size)
     outputs = [OUTPUT_NAME]
     if features and has_features(model):

@@ -246,21 +246,13 @@ def checkpoint_path(run_dir: str | Path, checkpoint: str = BEST_NAME) -> Path:
 def build_datamodule(config: DictConfig, run_dir: str | Path | None = None) -> LightningDataModule:
     """Manifest → cache (rank 0 builds or reuses it) → :class:`cxrkit.data.dataset.CXRDataModule`; with
     ``run_dir``, with the splits that run stored (:func:`cxrkit.data.build.build_run_manifest`)."""
-    from cxrkit.data.build import build_manifest, build_run_manifest
-    from cxrkit.data.cache import prepare_cache
+    from cxrkit.data.build import build_manifest, build_run_manifest, prepare_data
     from cxrkit.data.dataset import CXRDataModule
 
-    cache = config.data.cache
     if _is_first_process():
-        prepare_cache(
-            build_run_manifest(config.data, run_dir) if run_dir else build_manifest(config.data),
-            cache.dir,
-            image_size=cache.image_size,
-            resize_policy=cache.resize_policy,
-            shard_size=cache.shard_size,
-            workers=cache.workers,
-        )
-    return CXRDataModule(config.data, cache.dir, seed=int(config.seed))
+        manifest = build_run_manifest(config.data, run_dir) if run_dir else build_manifest(config.data)
+        prepare_data(config.data, manifest=manifest)
+    return CXRDataModule(config.data, config.data.cache.dir, seed=int(config.seed))
 
 
 def model_factory(config: DictConfig, pretrained: bool = True) -> ModelFactory:
