@@ -9,6 +9,9 @@ never saw (the recipe's test split, ``pneumonia/test`` from another site, the ad
 that are not chest radiographs: scikit-image's bundled photos, the CT and MR files inside pydicom's package
 data, rendered text and noise. Features come from the ImageNet-pretrained EfficientNet-Lite0 of the offline
 recipe (``configs/pneumonia_lite0_offline.yaml``) unless ``--run`` names a trained run or bundle.
+
+``--bundle B [--backend onnx-int8]`` measures what a bundle serves instead: its own detector (fitted at
+export) on the scores of the graph ``cxr predict``/``cxr serve`` run (:meth:`Predictor.scores`), no refit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from cxrkit.data.build import build_manifest
 from cxrkit.data.decode import read_image
 from cxrkit.data.transforms import PreprocessSpec
 from cxrkit.inference.ood import OODDetector, pooled_features
+from cxrkit.inference.predictor import Predictor
 from cxrkit.models.factory import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,39 +55,53 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also save the detector at this prefix")
     parser.add_argument("--detector", default=None, help="measure a detector saved by --out (no refit)")
     parser.add_argument("--nih", type=int, default=205, help="NIH sample images measured")
+    parser.add_argument("--bundle", default=None, help="measure this bundle's own detector as it is served")
+    parser.add_argument("--backend", default="auto", help="with --bundle: auto, torch, onnx or onnx-int8")
     args = parser.parse_args()
     torch.set_num_threads(2)
     start = time.perf_counter()
     config = load_config(RECIPE, [f"data.sources.0.root={DATA / 'pneumonia' / 'train'}"])
-    model, spec, source = _model(config, args.run)
     frame = build_manifest(config.data).frame
     split_paths = {
         split: _sample(frame.loc[frame["split"] == split, "path"].astype(str).tolist(), n)
         for split, n in (("train", args.fit), ("val", args.calibration), ("test", args.holdout))
     }
-    if args.detector:
-        detector = OODDetector.load(args.detector)
+    if args.bundle:
+        predictor = Predictor.from_bundle(args.bundle, backend=args.backend)
+        if predictor.ood is None:
+            raise SystemExit(f"{args.bundle} has no out-of-distribution detector")
+        detector, source = predictor.ood, f"bundle {args.bundle} ({predictor.backend} graph)"
+
+        def flags(images: Iterator[np.ndarray]) -> np.ndarray:
+            return _served_scores(predictor, images) > detector.threshold
     else:
-        fit, val = (_features(model, spec, _read_files(split_paths[split])) for split in ("train", "val"))
-        detector = OODDetector.fit(fit, val, args.quantile)
-        if args.out:
-            detector.save(args.out)
+        model, spec, source = _model(config, args.run)
+        if args.detector:
+            detector = OODDetector.load(args.detector)
+        else:
+            fit, val = (_features(model, spec, _read_files(split_paths[split])) for split in ("train", "val"))
+            detector = OODDetector.fit(fit, val, args.quantile)
+            if args.out:
+                detector.save(args.out)
+
+        def flags(images: Iterator[np.ndarray]) -> np.ndarray:
+            return detector.flag(_features(model, spec, images))
+
+    nih_paths = _files(DATA / "nih" / "images")[: args.nih]
     chest = {
-        "held-out test split": lambda: _features(model, spec, _read_files(split_paths["test"])),
-        "pneumonia/test (other site)": lambda: _folder_features(model, spec, DATA / "pneumonia" / "test"),
-        "NIH sample (adults, other dataset)": lambda: _folder_features(
-            model, spec, DATA / "nih" / "images", args.nih
-        ),
+        "held-out test split": lambda: _read_files(split_paths["test"]),
+        "pneumonia/test (other site)": lambda: _read_files(_files(DATA / "pneumonia" / "test")),
+        "NIH sample (adults, other dataset)": lambda: _read_files(nih_paths),
     }
     not_chest = {
-        "scikit-image photos": lambda: _features(model, spec, _skimage_photos()),
-        "pydicom CT and MR": lambda: _features(model, spec, _pydicom_ct_mr()),
-        "rendered text": lambda: _features(model, spec, _rendered_text(12)),
-        "noise": lambda: _features(model, spec, _noise(12)),
+        "scikit-image photos": _skimage_photos,
+        "pydicom CT and MR": _pydicom_ct_mr,
+        "rendered text": lambda: _rendered_text(12),
+        "noise": lambda: _noise(12),
     }
     rates, not_chest_flags = {}, []
-    for name, compute in {**not_chest, **chest}.items():
-        flagged = detector.flag(compute())
+    for name, images in {**not_chest, **chest}.items():
+        flagged = flags(images())
         rates[name] = _rate(flagged)
         if name in not_chest:
             not_chest_flags.append(flagged)
@@ -130,15 +148,16 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
 
-def _folder_features(
-    model: torch.nn.Module, spec: PreprocessSpec, folder: Path, limit: int | None = None
-) -> np.ndarray:
-    return _features(model, spec, _read_files(_files(folder)[:limit]))
-
-
 def _read_files(paths: list[str]) -> Iterator[np.ndarray]:
     for path in paths:
         yield read_image(path)
+
+
+def _served_scores(predictor: Predictor, images: Iterator[np.ndarray]) -> np.ndarray:
+    """Out-of-distribution scores of decoded images as the bundle's predictor computes them, 32 at a time."""
+    cache_images = [predictor.preprocess(image)[0] for image in images]
+    parts = [predictor.scores(np.stack(cache_images[i : i + 32]))[1] for i in range(0, len(cache_images), 32)]
+    return np.concatenate(parts)
 
 
 def _features(model: torch.nn.Module, spec: PreprocessSpec, images: Iterator[np.ndarray]) -> np.ndarray:

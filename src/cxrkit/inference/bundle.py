@@ -21,6 +21,7 @@ nothing silently: an unknown member, a missing field or a digest mismatch is an 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -109,6 +110,15 @@ class Bundle:
                 "by an older cxrkit); re-export it with --quantize"
             )
         return {label: float(own[label]) for label in self.labels}
+
+    def ood_for(self, backend: str) -> OODDetector | None:
+        """The out-of-distribution detector as the graph ``backend`` serves it. The int8 graph's features
+        differ a little from fp32's, so it has its own threshold (the same validation quantile of its own
+        scores, chosen at export: ``quantization["ood_threshold"]``); older bundles keep the shared one."""
+        own = (self.quantization or {}).get("ood_threshold")
+        if self.ood is None or backend != "onnx-int8" or own is None:
+            return self.ood
+        return dataclasses.replace(self.ood, threshold=float(own))
 
     def network_config(self) -> Any:
         """The ``model`` config section as a validated OmegaConf object, with pretrained loading disabled

@@ -360,6 +360,12 @@ def add_ood(
         100 * quantile,
         bundle.ood.n_calibration,
     )
+    if bundle.onnx_int8 is not None and bundle.quantization is not None:
+        int8 = Runner.from_onnx(bundle.onnx_int8, bundle.preprocess, bundle.activation)
+        int8_features = _pooled_features(int8, calibration)
+        if int8_features is not None:
+            bundle.quantization["ood_threshold"] = bundle.ood.threshold_of(int8_features)
+            log.info("int8 graph's own detector threshold: %.2f", bundle.quantization["ood_threshold"])
 
 
 def _pooled_features(runner: Runner, images: np.ndarray) -> np.ndarray | None:

@@ -71,8 +71,12 @@ class OODDetector:
             len(calibration),
             float(estimate.shrinkage_),
         )
-        detector.threshold = float(np.quantile(detector.score(calibration), quantile))
+        detector.threshold = detector.threshold_of(calibration)
         return detector
+
+    def threshold_of(self, calibration: np.ndarray) -> float:
+        """The :attr:`quantile` of the distances of ``calibration`` features [N, D] (validation images)."""
+        return float(np.quantile(self.score(calibration), self.quantile))
 
     def score(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of every row of ``features`` [N, D] to the training features."""

@@ -115,7 +115,7 @@ class Predictor:
         self.thresholds = bundle.thresholds_for(self.backend)
         self.runner = bundle_runner(bundle, self.backend, threads)
         self._torch_model = self.runner.model
-        self.ood = bundle.ood
+        self.ood = bundle.ood_for(self.backend)
 
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, **options: Any) -> Predictor:

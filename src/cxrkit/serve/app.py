@@ -322,7 +322,7 @@ def _model_card(predictor: Predictor, settings: ServiceSettings) -> dict[str, An
         },
         "provenance": bundle.provenance,
         "quantization": bundle.quantization,
-        "ood": bundle.ood.info() if bundle.ood is not None else None,
+        "ood": predictor.ood.info() if predictor.ood is not None else None,  # the served graph's threshold
     }
 
 
