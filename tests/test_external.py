@@ -201,6 +201,9 @@ def test_calibrate_writes_a_site_version_that_predict_uses(site):
         bundle_path, sample, out=site["root"] / "ext-old", n_replicates=20, progress=False
     )
     after = evaluate_external(out, sample, out=site["root"] / "ext-new", n_replicates=20, progress=False)
+    assert before.model.backend == after.model.backend == "torch"  # what these bundles serve
+    with pytest.raises(ValueError, match="has no ONNX graph"):  # the graph asked for is the graph scored
+        evaluate_external(bundle_path, sample, out=site["root"] / "ext-onnx", backend="onnx")
     old_logits, new_logits = before.external.predictions.logits(), after.external.predictions.logits()
     np.testing.assert_allclose(new_logits, old_logits / temperature, rtol=1e-3, atol=1e-3)
     refit = OperatingPoints.fit(after.external.predictions)

@@ -105,6 +105,7 @@ def evaluate(
             n_replicates=replicates,
             batch_size=batch_size,
             device=device,
+            backend=backend,
         )
         click.echo("\n".join([*ext.summary_lines(), f"report: {ext.paths['html']}"]))
         return

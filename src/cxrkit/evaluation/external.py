@@ -179,12 +179,14 @@ def evaluate_external(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    backend: str = "auto",
 ) -> ExternalEvaluation:
-    """Evaluate the run or bundle at ``path`` on the external ``data`` (see the module docstring)."""
+    """Evaluate the run or bundle at ``path`` on the external ``data`` (see the module docstring);
+    ``backend``: for a bundle, the graph scored at its own thresholds (``auto``: the one it serves)."""
     from cxrkit.data.build import prepare_data
     from cxrkit.data.cache import open_cache
 
-    loaded = load_model(path, checkpoint)
+    loaded = load_model(path, checkpoint, backend=backend)
     out_dir = Path(out) if out is not None else default_out_dir(loaded, data)
     options = {"batch_size": batch_size or int(loaded.config.data.loader.batch_size), "device": device}
     options["progress"] = progress
