@@ -50,22 +50,24 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NIH = REPO.parent / "shared" / "data" / "nih"
 LABEL_FILE = "Data_Entry_2017_v2020.csv.gz"
 PEAK_TARGET_MIB = 2048
+CXR = [sys.executable, "-c", "from cxrkit.cli.main import main; main()"]
 
-#: `cxr ARGS` with every decode of the cache build logged (path per line) to $CXRKIT_DECODE_LOG.
-CLI_COUNTING_DECODES = """
-import os, sys
-import cxrkit.data.cache as cache
-from cxrkit.cli.main import main
-log_path, read_image = os.environ["CXRKIT_DECODE_LOG"], cache.read_image
+#: A ``sitecustomize`` that logs every decode of the cache build (path per line) to $CXRKIT_DECODE_LOG. Put on
+#: PYTHONPATH, it runs in every interpreter of the command, the pool's fork server and workers included.
+COUNT_DECODES = """
+import os
 
-def logged_read_image(path, **options):
-    with open(log_path, "a") as log:
-        log.write(f"{path}\\n")
-    return read_image(path, **options)
+if os.environ.get("CXRKIT_DECODE_LOG"):
+    import cxrkit.data.cache as cache
 
-cache.read_image = logged_read_image  # forked pool workers inherit it
-sys.argv = ["cxr", *sys.argv[1:]]
-main()
+    log_path, read_image = os.environ["CXRKIT_DECODE_LOG"], cache.read_image
+
+    def logged_read_image(path, **options):
+        with open(log_path, "a") as log:
+            log.write(f"{path}\\n")
+        return read_image(path, **options)
+
+    cache.read_image = logged_read_image
 """
 
 EVALUATE = """
@@ -139,12 +141,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         f"data.augment.crop_size={min(224, args.image_size)}",
         f"output_dir={work / 'out'}",
     ]
-    cxr = [sys.executable, "-c", "from cxrkit.cli.main import main; main()"]
     manifest_path = work / "manifest.csv"
-    stages = {"manifest": measure([*cxr, "data", "manifest", *overrides, "--out", str(manifest_path)])}
+    stages = {"manifest": measure([*CXR, "data", "manifest", *overrides, "--out", str(manifest_path)])}
     manifest = pd.read_csv(manifest_path, usecols=["path", "split"], keep_default_na=False)
     resume = {} if args.skip_prepare else run_prepare(stages, overrides, work, len(manifest), args)
-    stages["describe"] = measure([*cxr, "data", "describe", *overrides, "--out", str(work / "describe")])
+    stages["describe"] = measure([*CXR, "data", "describe", *overrides, "--out", str(work / "describe")])
     stages["evaluate"] = measure(
         [sys.executable, "-c", EVALUATE, str(manifest_path), str(work / "evaluation"), str(args.replicates)]
     )
@@ -177,9 +178,19 @@ def run_prepare(
     counted in both runs."""
     n_shards = math.ceil(n_rows / args.shard_size)
     shards = work / "cache" / "shards"
-    decode_log = work / "decodes.txt"
-    env = {**os.environ, "CXRKIT_DECODE_LOG": str(decode_log)}
-    prepare = [sys.executable, "-c", CLI_COUNTING_DECODES, "data", "prepare", *overrides]
+    decode_log, hooks = work / "decodes.txt", work / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(COUNT_DECODES)
+    path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "CXRKIT_DECODE_LOG": str(decode_log), "PYTHONPATH": path}
+    prepare = [
+        sys.executable,
+        "-c",
+        "from cxrkit.cli.main import main; main()",
+        "data",
+        "prepare",
+        *overrides,
+    ]
     kill_after = max(1, math.floor(n_shards * args.kill_at))
     finished = lambda: len(list(shards.glob("shard_*.json"))) if shards.is_dir() else 0  # noqa: E731
     stages["prepare_until_killed"] = measure(prepare, env, kill_when=lambda: finished() >= kill_after)
@@ -237,19 +248,22 @@ def measure(command: list[str], env: dict | None = None, kill_when: Callable[[],
     """Run ``command``; its wall time and peak summed RSS of its process tree; with ``kill_when``, SIGKILL
     the process group as soon as it returns True."""
     started = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
-    )
-    root = psutil.Process(process.pid)
-    peak_pss, peak_rss, killed = 0, 0, False
-    while process.poll() is None:
-        pss, rss = _tree_memory(root)
-        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
-        if kill_when is not None and not killed and kill_when():
-            os.killpg(process.pid, signal.SIGKILL)
-            killed = True
-        time.sleep(0.2)
-    out, err = process.communicate()
+    # output goes to files: a pipe nobody reads while the command runs fills up and blocks it
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        process = subprocess.Popen(
+            command, env=env, stdout=out_file, stderr=err_file, text=True, process_group=0
+        )
+        root = psutil.Process(process.pid)
+        peak_pss, peak_rss, killed = 0, 0, False
+        while process.poll() is None:
+            pss, rss = _tree_memory(root)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+            if kill_when is not None and not killed and kill_when():
+                os.killpg(process.pid, signal.SIGKILL)
+                killed = True
+            time.sleep(0.2)
+        out_file.seek(0), err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
     if process.returncode != 0 and not killed:
         raise RuntimeError(f"{' '.join(command[:4])}... failed ({process.returncode}):\n{err[-3000:]}")
     stage = {
