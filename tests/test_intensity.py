@@ -114,3 +114,28 @@ def test_a_bundle_applies_its_intensity_and_refuses_a_config_without_it(
     plain = load_config(None, ["data.cache.image_size=80", "data.augment.crop_size=64"])
     with pytest.raises(ValueError, match=r"80 px \(letterbox\) but .* expects 80 px \(letterbox, clahe\)"):
         load_model(path, config=plain)
+
+
+def test_cxr_data_prepare_applies_the_configured_intensity(shared_data: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cxrkit.cli.main import cli
+
+    args = [
+        "-c",
+        str(Path(__file__).resolve().parents[1] / "configs" / "pneumonia_lite0_offline.yaml"),
+        f"data.sources.0.root={shared_data / 'pneumonia' / 'test'}",
+        f"data.cache.dir={tmp_path / 'cache'}",
+        "data.cache.image_size=64",
+        "data.augment.crop_size=56",
+        "data.cache.workers=1",
+    ]
+    result = CliRunner().invoke(cli, ["data", "prepare", *args, "data.cache.intensity=clahe"])
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "cache")
+    assert cache.intensity == "clahe" and len(cache) == 253
+    path = cache.manifest.frame["path"].iloc[0]
+    expected = PreprocessSpec(64, "letterbox", 56, intensity="clahe").cache_image(read_image(path))[0]
+    assert np.array_equal(cache.image(0), expected)
+    typo = CliRunner().invoke(cli, ["data", "prepare", *args, "data.cache.intensity=clache"])
+    assert typo.exit_code != 0 and "data.cache.intensity" in typo.output
