@@ -376,7 +376,8 @@ def _parallel_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Itera
     threads (Lightning, MLflow, Optuna, tqdm) held at fork time — the hang a plain fork pool showed. As for
     every non-fork start method, a script that calls :func:`prepare_cache` at import time needs an
     ``if __name__ == "__main__":`` guard. Workers ignore Ctrl-C (the terminal sends SIGINT to the whole
-    process group): this process alone stops the pool, which it terminates on any exception.
+    process group): this process alone stops the pool, which it terminates on any exception; after a
+    finished map it closes the pool and waits for the workers (a terminate there once hung in CI).
     """
     if workers <= 1:
         yield map
@@ -384,8 +385,14 @@ def _parallel_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Itera
     context = multiprocessing.get_context(_START_METHOD)
     if _START_METHOD == "forkserver":
         context.set_forkserver_preload([__name__])
-    with context.Pool(workers, initializer=_init_worker) as pool:
+    pool = context.Pool(workers, initializer=_init_worker)
+    try:
         yield lambda function, items: pool.imap(function, items, chunksize=_IMAP_CHUNKSIZE)
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.close()  # finished: workers leave on their own, no SIGTERM racing their last steps
+    pool.join()
 
 
 def _init_worker() -> None:
