@@ -5,6 +5,7 @@ unimportable (``sys.modules[name] = None``, what Python does for a package that 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+#: A tqdm progress bar's rate, e.g. "4.76batch/s]" or "?it/s, loss=0.3]": its repaints may repeat a line.
+PROGRESS_BAR = re.compile(r"[\d?][\w.]*/s[],]")
 
 #: Top-level modules of the optional extras (cxrkit.extras.EXTRAS lists them with their extra).
 OPTIONAL = sorted(
@@ -58,7 +62,9 @@ def one_error_line(result: dict) -> str:
 
 def assert_no_line_twice(result: dict) -> None:
     """Each message once (progress bars, table rules aside): no summary printed by a log and the command."""
-    lines = [line for line in result["output"].splitlines() if line.strip("- ") and "it/s" not in line]
+    lines = [
+        line for line in result["output"].splitlines() if line.strip("- ") and not PROGRESS_BAR.search(line)
+    ]
     repeated = {line for line in lines if lines.count(line) > 1}
     assert not repeated, (result["args"], repeated)
 
