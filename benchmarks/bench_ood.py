@@ -108,14 +108,7 @@ def main() -> None:
         print(json.dumps({name: rates[name]}), file=sys.stderr, flush=True)  # partial results survive
     report = {
         "features": source,
-        "detector": {
-            "threshold": detector.threshold,
-            "quantile": detector.quantile,
-            "n_fit": detector.n_fit,
-            "n_calibration": detector.n_calibration,
-            "shrinkage": detector.shrinkage,
-            "n_features": int(detector.mean.shape[0]),
-        },
+        "detector": detector.info(),
         "flagged": rates,
         "not_chest_flagged": _rate(np.concatenate(not_chest_flags)),
         "targets": {"not_chest_flagged_min": 0.95, "chest_flagged_max": 0.02},

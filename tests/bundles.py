@@ -1,4 +1,4 @@
-"""A tiny random-weight model bundle shared by the prediction, service and browser tests."""
+"""Small model bundles shared by the prediction, service, out-of-distribution and browser tests."""
 
 from __future__ import annotations
 
@@ -31,6 +31,27 @@ def tiny_bundle(
     against PyTorch on ``sample`` cache images (default: noise)."""
     config = OmegaConf.structured(ModelConfig(arch="resnet18"))
     config.pretrained.source = "none"
+    spec = PreprocessSpec(80, policy, 64, intensity=intensity)
+    return _bundle(config, spec, onnx, model_id, version, thresholds, sample)
+
+
+def pretrained_bundle() -> Bundle:
+    """An EfficientNet-Lite0 bundle with the offline ImageNet weights at 128 px (model input 112 px), with
+    its ONNX graph: features that tell a radiograph from a photo, as the out-of-distribution flag needs."""
+    config = OmegaConf.structured(ModelConfig(arch="tf_efficientnet_lite0", channel_adapt="sum"))
+    config.pretrained.source = "efficientnet-lite"
+    return _bundle(config, PreprocessSpec(128, "letterbox", 112), True, "lite0", "1.0", None, None)
+
+
+def _bundle(
+    config: ModelConfig,
+    spec: PreprocessSpec,
+    onnx: bool,
+    model_id: str,
+    version: str,
+    thresholds: dict[str, float] | None,
+    sample: np.ndarray | None,
+) -> Bundle:
     torch.manual_seed(0)
     model = create_model(config, len(LABELS)).eval()
     bundle = Bundle(
@@ -40,7 +61,7 @@ def tiny_bundle(
         THRESHOLDS if thresholds is None else thresholds,
         "test",
         "sigmoid",
-        PreprocessSpec(80, policy, 64, intensity=intensity),
+        spec,
         to_container(config),
         {},
         model.state_dict(),

@@ -35,8 +35,8 @@ def test_flagged_upload_shows_the_warning_and_a_chest_x_ray_does_not(
     By = test_browser.By
     text_file = tmp_path / "page-of-text.png"
     text_file.write_bytes(text_png)
-    test_browser._upload(browser, ood_server, text_file, model_id="tiny")
+    test_browser._upload(browser, ood_server, text_file, model_id="lite0")
     warning = browser.find_element(By.ID, "ood-warning")
     assert warning.is_displayed() and WARNING in warning.text
-    test_browser._upload(browser, ood_server, chest_paths[60], model_id="tiny")
+    test_browser._upload(browser, ood_server, chest_paths[60], model_id="lite0")
     assert not browser.find_element(By.ID, "ood-warning").is_displayed()

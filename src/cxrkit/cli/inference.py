@@ -87,7 +87,7 @@ def export(
         f"thresholds: {bundle.threshold_source}"
         + (", ONNX" if bundle.onnx else "")
         + (", int8 ONNX" if bundle.onnx_int8 else "")
-        + (f", OOD detector (threshold {bundle.ood.threshold:.2f})" if bundle.ood else "")
+        + (f", OOD detector (threshold {bundle.ood.threshold:.3f})" if bundle.ood else "")
     )
     if bundle.quantization:
         report = bundle.quantization

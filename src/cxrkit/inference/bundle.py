@@ -10,9 +10,9 @@ A bundle is a folder or a zip file (``model.cxr``) holding:
 ``model.onnx``         optional ONNX graph, opset >= 17: ``image`` [B,1,crop,crop] → ``logits`` (dynamic B)
 ``model.int8.onnx``    optional static int8 graph, present only if it passed the per-finding AUROC gate; its
                        own thresholds and measured speed are in the manifest's quantisation report
-``ood.safetensors``    optional out-of-distribution detector (:mod:`cxrkit.inference.ood`): mean and
-``ood.json``           precision of the training images' pooled features, threshold and quantile; a bundle
-                       without them loads and reports no out-of-distribution score
+``ood.safetensors``    optional out-of-distribution detector (:mod:`cxrkit.inference.ood`): the unit
+``ood.json``           pooled features of training images, k, threshold and quantile; a bundle without them
+                       (or with an earlier detector format) loads and reports no out-of-distribution score
 =====================  ==============================================================================
 
 Loading reads JSON, safetensors and ONNX bytes only (never pickle), checks every file's SHA-256 and ignores
@@ -37,7 +37,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from cxrkit.data.transforms import PreprocessSpec, PreprocessSpecError
-from cxrkit.inference.ood import OODDetector
+from cxrkit.inference.ood import OODDetector, OutdatedDetector
 from cxrkit.inference.runner import ACTIVATIONS
 from cxrkit.models.config import ModelConfig
 
@@ -227,7 +227,8 @@ class Bundle:
 
 
 def _read_ood(files: dict[str, bytes], path: str | Path) -> OODDetector | None:
-    """The out-of-distribution detector members, None when the bundle has none (older bundles)."""
+    """The out-of-distribution detector members, None when the bundle has none or an outdated one (older
+    bundles; a warning says so)."""
     present = [name for name in (OOD_ARRAYS, OOD_META) if name in files]
     if not present:
         return None
@@ -235,6 +236,9 @@ def _read_ood(files: dict[str, bytes], path: str | Path) -> OODDetector | None:
         raise BundleError(f"{path}: {present[0]} without ({OOD_ARRAYS} and {OOD_META} together)")
     try:
         return OODDetector.from_bytes(files[OOD_ARRAYS], files[OOD_META], f"{path}: {OOD_META}")
+    except OutdatedDetector as error:
+        log.warning("%s; predictions carry no out-of-distribution flag until it is re-exported", error)
+        return None
     except (ValueError, KeyError) as error:
         raise BundleError(f"{path}: out-of-distribution detector: {error}") from error
 

@@ -354,7 +354,7 @@ def add_ood(
     calibration = data.images[_spread(len(data.images), OOD_CALIBRATION_IMAGES)]
     bundle.ood = OODDetector.fit(fit, _pooled_features(runner, calibration), quantile)
     log.info(
-        "out-of-distribution detector: %d training images, threshold %.2f = %.1f%% quantile of %d validation",
+        "out-of-distribution detector: %d training images, threshold %.3f = %.1f%% quantile of %d validation",
         bundle.ood.n_fit,
         bundle.ood.threshold,
         100 * quantile,
@@ -365,7 +365,7 @@ def add_ood(
         int8_features = _pooled_features(int8, calibration)
         if int8_features is not None:
             bundle.quantization["ood_threshold"] = bundle.ood.threshold_of(int8_features)
-            log.info("int8 graph's own detector threshold: %.2f", bundle.quantization["ood_threshold"])
+            log.info("int8 graph's own detector threshold: %.3f", bundle.quantization["ood_threshold"])
 
 
 def _pooled_features(runner: Runner, images: np.ndarray) -> np.ndarray | None:

@@ -55,7 +55,7 @@ class ImageResult:
     height: int | None = None
     width: int | None = None
     error: str | None = None
-    ood_score: float | None = None  #: Mahalanobis distance to the training images (None: no detector)
+    ood_score: float | None = None  #: distance to the training images' features (None: no detector)
     ood_flag: bool | None = None  #: ood_score above the bundle's detector threshold
 
     @property

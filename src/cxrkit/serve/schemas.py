@@ -30,7 +30,9 @@ class Prediction(BaseModel):
 
 
 class OodCheck(BaseModel):
-    score: float = Field(description="Mahalanobis distance of the pooled image features to the training set")
+    score: float = Field(
+        description="cosine distance of the pooled image features to the k-th nearest training image"
+    )
     threshold: float = Field(description="a high quantile of the validation images' scores (set at export)")
     flagged: bool = Field(description="score > threshold: this does not look like the training chest X-rays")
 

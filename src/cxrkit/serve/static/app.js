@@ -128,7 +128,7 @@ function showOodWarning(ood) {
   elements.oodWarning.hidden = !flagged;
   elements.oodWarning.textContent = flagged
     ? "Warning: this does not look like a chest X-ray the model was trained on "
-      + `(out-of-distribution score ${ood.score.toFixed(1)} > threshold ${ood.threshold.toFixed(1)}). `
+      + `(out-of-distribution score ${ood.score.toFixed(3)} > threshold ${ood.threshold.toFixed(3)}). `
       + "The findings below are unreliable."
     : "";
 }
