@@ -17,6 +17,7 @@ from cxrkit.data.augment import (
     affine_matrices,
     eval_transform,
     gaussian_blur,
+    mixup,
 )
 from cxrkit.data.config import AugmentConfig
 
@@ -315,3 +316,38 @@ def test_bad_acquisition_settings_are_refused() -> None:
         BatchAugment(dataclasses.replace(STILL, sharpness=1.5))
     with pytest.raises(ValueError, match="blur_sigma"):
         BatchAugment(dataclasses.replace(STILL, blur_sigma=0.0))
+
+
+def _recover_mixup(mixed: torch.Tensor, images: torch.Tensor, soft: torch.Tensor) -> tuple[float, list[int]]:
+    """λ and the pairing j(i) with mixed_i = λ x_i + (1 - λ) x_j, found from the outputs alone: λ is one of
+    the soft binary targets (or 1 minus one), the pairing the nearest image to the partner's share."""
+    values = {round(v, 6) for v in soft[:, 0].tolist() if 0 < v < 1}
+    for lam in sorted(values | {round(1 - v, 6) for v in values}):
+        partner = (mixed - lam * images) / (1.0 - lam)
+        pairing = torch.cdist(partner.flatten(1), images.flatten(1)).argmin(1).tolist()
+        if torch.allclose(mixed, lam * images + (1 - lam) * images[pairing], atol=1e-5):
+            return lam, pairing
+    raise AssertionError("the mixed images are not blends of two images of the batch")
+
+
+def test_mixup_blends_images_and_targets_with_one_beta_draw() -> None:
+    images = torch.rand(8, 1, 16, 16)
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]] * 4)
+    targets[3, 1] = float("nan")  # unknown
+    mixed, soft = mixup(images, targets, 0.4, 2, torch.Generator().manual_seed(0))
+    lam, pairing = _recover_mixup(mixed, images, soft)
+    torch.testing.assert_close(soft, lam * targets + (1 - lam) * targets[pairing], equal_nan=True)
+    assert torch.isnan(soft[3, 1]) and torch.isnan(soft[pairing.index(3), 1])  # unknown stays unknown
+    again_images, again_targets = mixup(images, targets, 0.4, 2, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again_images, mixed)
+    torch.testing.assert_close(again_targets, soft, equal_nan=True)
+
+
+def test_mixup_turns_class_indices_into_soft_rows_and_is_off_at_alpha_zero() -> None:
+    images, indices = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, -1, 1])
+    _, soft = mixup(images, indices, 1.0, 3, torch.Generator().manual_seed(1))
+    known = ~torch.isnan(soft).any(1)
+    assert soft.shape == (6, 3) and torch.isnan(soft[4]).all() and 4 <= int(known.sum()) <= 5
+    torch.testing.assert_close(soft[known].sum(1), torch.ones(int(known.sum())))  # rows of probabilities
+    same_images, same_targets = mixup(images, indices, 0.0, 3)
+    assert same_images is images and same_targets is indices

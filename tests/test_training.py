@@ -340,6 +340,18 @@ def test_same_seed_gives_same_metrics(tmp_path, tiny_data_root):
     assert not epoch_table(first)["train/loss_step"].equals(epoch_table(other_seed)["train/loss_step"])
 
 
+@pytest.mark.slow
+def test_mixup_trains_reproducibly(tmp_path, tiny_data_root):
+    """data.augment.mixup_alpha through the real data module and the training loop: reproducible with its
+    seed, and another run than without mixup."""
+    data = real_data_overrides(tiny_data_root, tmp_path / "cache")
+    plain = fit_real(tiny_config(tmp_path / "a", *data))
+    mixed = [fit_real(tiny_config(tmp_path / name, *data, "data.augment.mixup_alpha=0.4")) for name in "bc"]
+    pd.testing.assert_frame_equal(epoch_table(mixed[0]), epoch_table(mixed[1]))
+    assert not epoch_table(plain)["train/loss_step"].equals(epoch_table(mixed[0])["train/loss_step"])
+    assert epoch_table(mixed[0])["val/auroc_mean"].notna().sum() == 2
+
+
 def _parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 

@@ -313,6 +313,31 @@ def _intensity(images: torch.Tensor, brightness: torch.Tensor, contrast: torch.T
     return torch.addcmul(bias, images, (brightness * contrast).view(shape), out=images).clamp_(0.0, 1.0)
 
 
+def mixup(
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al. 2018): every image blended with another of the batch (a random pairing) as
+    ``λ x + (1 - λ) x'``, its targets likewise, with one ``λ ~ Beta(alpha, alpha)`` per batch.
+
+    Float targets ``[B, L]`` mix as they are, so an unknown (NaN) target on either side stays unknown;
+    class indices ``[B]`` (``ce``; negative = unknown) become one-hot rows first (NaN rows where unknown),
+    which :class:`~cxrkit.training.losses.MaskedCrossEntropyLoss` reads as soft targets."""
+    if alpha <= 0 or len(images) < 2:
+        return images, targets
+    seed = int(torch.randint(2**62, (1,), generator=generator).item())
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    pairing = torch.randperm(len(images), generator=generator).to(images.device)
+    if targets.ndim == 1:
+        one_hot = F.one_hot(targets.clamp(min=0).long(), num_classes).to(images.dtype)
+        targets = torch.where((targets >= 0)[:, None], one_hot, torch.full_like(one_hot, float("nan")))
+    mixed = lam * images + (1.0 - lam) * images[pairing]
+    return mixed, lam * targets + (1.0 - lam) * targets[pairing]
+
+
 def eval_transform(images: torch.Tensor, crop_size: int, mode: str = "resize") -> torch.Tensor:
     """Deterministic validation/test transform of a float batch to ``crop_size``.
 

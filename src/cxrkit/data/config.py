@@ -79,6 +79,7 @@ class AugmentConfig:
     blur_sigma: float = 1.0
     gamma_range: tuple[float, float] = (1.0, 1.0)
     noise_std: float = 0.0
+    mixup_alpha: float = 0.0  # > 0: mixup of images and targets, λ ~ Beta(alpha, alpha) (0.2 is usual)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from cxrkit.data.augment import BatchAugment, eval_transform
+from cxrkit.data.augment import BatchAugment, eval_transform, mixup
 from cxrkit.data.cache import Cache, open_cache
 from cxrkit.data.config import DataConfig
 from cxrkit.data.manifest import SPLITS
@@ -137,6 +137,8 @@ class CXRDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.eval_mode = eval_mode
         self.augment = BatchAugment(data_cfg.augment, seed=self.seed)
+        if data_cfg.augment.mixup_alpha < 0:
+            raise ValueError(f"data.augment.mixup_alpha must be >= 0, got {data_cfg.augment.mixup_alpha}")
         self._cache: Cache | None = None
         self._datasets: dict[str, CachedImages] = {}
         self._augment_epoch: int | None = None
@@ -211,10 +213,14 @@ class CXRDataModule(pl.LightningDataModule):
         return self.eval_batch_transform(batch)
 
     def train_transform(self, batch: Sample) -> Sample:
+        """Augmentation (or the eval transform when disabled), then mixup when ``augment.mixup_alpha``."""
         images, targets = batch
         if self.cfg.augment.enabled:
-            return self.augment(images), targets  # scales uint8 to [0, 1] in its intensity pass
-        return eval_transform(to_unit_float(images), self.crop_size, self.eval_mode), targets
+            images = self.augment(images)  # scales uint8 to [0, 1] in its intensity pass
+        else:
+            images = eval_transform(to_unit_float(images), self.crop_size, self.eval_mode)
+        alpha = float(self.cfg.augment.mixup_alpha)
+        return mixup(images, targets, alpha, len(self.labels), self.augment.generator)
 
     def eval_batch_transform(self, batch: Sample) -> Sample:
         images, targets = batch
