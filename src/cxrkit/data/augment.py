@@ -10,7 +10,8 @@ matrices on the CPU (faster there). Then, on both paths with the same torch code
 a gamma curve (``gamma_range``, drawn log-uniformly), brightness and contrast jitter, and additive Gaussian
 noise (standard deviation up to ``noise_std``). Images are float ``[B, 1, S, S]`` in [0, 1] (uint8 is
 accepted and scaled in the same pass) and come out float in [0, 1].
-:func:`eval_transform` is the deterministic counterpart for validation/test.
+:func:`eval_transform` is the deterministic counterpart for validation/test. :func:`mixup` (off by default)
+blends pairs of images of a training batch and their targets.
 
 Geometry conventions (normalised coordinates, x right, y down, image spanning [-1, 1]):
 
