@@ -183,14 +183,7 @@ def run_prepare(
     (hooks / "sitecustomize.py").write_text(COUNT_DECODES)
     path = os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "CXRKIT_DECODE_LOG": str(decode_log), "PYTHONPATH": path}
-    prepare = [
-        sys.executable,
-        "-c",
-        "from cxrkit.cli.main import main; main()",
-        "data",
-        "prepare",
-        *overrides,
-    ]
+    prepare = [*CXR, "data", "prepare", *overrides]
     kill_after = max(1, math.floor(n_shards * args.kill_at))
     finished = lambda: len(list(shards.glob("shard_*.json"))) if shards.is_dir() else 0  # noqa: E731
     stages["prepare_until_killed"] = measure(prepare, env, kill_when=lambda: finished() >= kill_after)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrkit.data.config import AugmentConfig
+from cxrkit.data.labels import as_rows
 
 
 @dataclass
@@ -332,9 +333,7 @@ def mixup(
     seed = int(torch.randint(2**62, (1,), generator=generator).item())
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     pairing = torch.randperm(len(images), generator=generator).to(images.device)
-    if targets.ndim == 1:
-        one_hot = F.one_hot(targets.clamp(min=0).long(), num_classes).to(images.dtype)
-        targets = torch.where((targets >= 0)[:, None], one_hot, torch.full_like(one_hot, float("nan")))
+    targets = as_rows(targets, num_classes)
     mixed = lam * images + (1.0 - lam) * images[pairing]
     return mixed, lam * targets + (1.0 - lam) * targets[pairing]
 

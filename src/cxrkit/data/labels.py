@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 
 NO_FINDING = "No Finding"
 
@@ -186,6 +187,15 @@ def encode(positives: Iterable[str], annotated: Sequence[str], labels: Sequence[
         any_positive = bool(positive_set & (annotated_set - {NO_FINDING}))
         row[list(labels).index(NO_FINDING)] = 0.0 if any_positive else 1.0
     return row
+
+
+def as_rows(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Targets as float rows ``[B, C]``: class indices ``[B]`` (single-label ``ce`` tasks; negative =
+    unknown) become one-hot rows, NaN where unknown; rows ``[B, C]`` are returned as they are."""
+    if targets.ndim == 2:
+        return targets
+    one_hot = torch.nn.functional.one_hot(targets.clamp(min=0).long(), num_classes).float()
+    return torch.where((targets >= 0)[:, None], one_hot, torch.full_like(one_hot, float("nan")))
 
 
 def order(labels: Iterable[str]) -> list[str]:

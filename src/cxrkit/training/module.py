@@ -32,6 +32,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from cxrkit.data.labels import as_rows
 from cxrkit.evaluation.metrics import mean_label_mask
 from cxrkit.inference.runner import activate
 from cxrkit.training.callbacks import monitor_mode
@@ -265,14 +266,7 @@ class CXRClassifier(LightningModule):
         probs = self.probabilities(logits)
         if tta:
             probs = self._average_over_views(images, probs)
-        auroc_metric.update(probs, self._multilabel_targets(targets, probs.shape[1]))
-
-    def _multilabel_targets(self, targets: Tensor, num_classes: int) -> Tensor:
-        """Class-index targets (``ce``) become one-hot rows: AUROC of each class against the rest."""
-        if targets.ndim == 2:
-            return targets
-        one_hot = F.one_hot(targets.clamp(min=0).long(), num_classes).float()
-        return torch.where((targets >= 0)[:, None], one_hot, torch.full_like(one_hot, float("nan")))
+        auroc_metric.update(probs, as_rows(targets, probs.shape[1]))  # ce: each class against the rest
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._log_epoch_metrics("val", self.val_loss, self.val_auroc)
