@@ -104,6 +104,15 @@ def test_subgroups_skip_missing_metadata_and_small_groups():
     assert table[table["group"].isin(small[small].index)]["auroc"].isna().all()
 
 
+def test_gaps_are_adjusted_when_one_attribute_has_no_gap():
+    """Every age band is under min_patients (no gap rows) while sex has its gaps: the p-values are still
+    adjusted (an empty gap frame once turned the column to objects and scipy refused it)."""
+    pred = cohort(n_patients=40, seed=3)
+    gaps = analyse_subgroups(pred, ["sex", "age"], n_replicates=20, n_permutations=20, min_patients=15).gaps
+    assert set(gaps["attribute"]) == {"sex"}
+    assert gaps["p_adjusted"].between(0, 1).all() and len(gaps) == len(LABELS) + 1
+
+
 def test_evaluate_collects_metrics_intervals_calibration_and_subgroups():
     val, test = cohort(seed=10), cohort(seed=11)
     result = evaluate(test, val, n_replicates=60, temperature="global")

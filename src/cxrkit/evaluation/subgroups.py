@@ -126,7 +126,9 @@ def analyse_subgroups(
     tested = gap_table["p_value"].notna()
     gap_table["p_adjusted"] = np.nan
     if tested.any():
-        gap_table.loc[tested, "p_adjusted"] = false_discovery_control(gap_table.loc[tested, "p_value"])
+        # float: an attribute without any gap contributes an empty (object-typed) frame to the concat
+        p_values = gap_table.loc[tested, "p_value"].to_numpy(dtype=float)
+        gap_table.loc[tested, "p_adjusted"] = false_discovery_control(p_values)
     gap_table["significant"] = (gap_table["p_adjusted"] < 1 - level).to_numpy()
     gap_table["largest"] = False
     macro = gap_table[(gap_table["label"] == MACRO) & gap_table["gap"].notna()]
