@@ -47,6 +47,7 @@ def params(batch: int = 1, **overrides) -> AugmentParams:
         "sharpen": None,
         "gamma": None,
         "noise_std": None,
+        "aspect": None,
     }
     for name, value in overrides.items():
         like = values[name] if values[name] is not None else torch.ones(batch)
@@ -148,6 +149,16 @@ def test_translation_and_scale_move_a_known_point() -> None:
     assert brightest(zoomed) == (16 + 6, 16 + 14)
 
 
+def test_aspect_stretches_width_and_squeezes_height() -> None:
+    odd = BatchAugment(dataclasses.replace(STILL, crop_size=33))  # centre pixel (16, 16)
+    stretched = odd.apply(dot_image(size=33, row=20, column=20), params(aspect=4.0))  # 4 px right and below
+    assert brightest(stretched) == (16 + 2, 16 + 8)
+    assert BatchAugment(AugmentConfig(), seed=0).sample(4).aspect is None  # off by default
+    draws = BatchAugment(dataclasses.replace(STILL, aspect_range=(0.8, 1.25)), seed=0).sample(2000)
+    assert draws.aspect.min() >= 0.8 and draws.aspect.max() <= 1.25
+    assert abs(float(draws.aspect.log().mean())) < 0.05 * math.log(1.25 / 0.8)  # log-uniform around 1
+
+
 def test_crop_window_reads_the_expected_region() -> None:
     augment = BatchAugment(dataclasses.replace(STILL, crop_size=16))
     image = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32) / (32 * 32)
@@ -200,7 +211,13 @@ def test_cpu_warp_matches_grid_sample(dtype: torch.dtype) -> None:
     """The OpenCV CPU path resamples exactly like F.grid_sample (zero padding, align_corners=False)."""
     from cxrkit.data.augment import _intensity, affine_grid, affine_matrices
 
-    cfg = AugmentConfig(crop_size=48, rotation_degrees=30, translate_fraction=0.2, scale_range=(0.7, 1.3))
+    cfg = AugmentConfig(
+        crop_size=48,
+        rotation_degrees=30,
+        translate_fraction=0.2,
+        scale_range=(0.7, 1.3),
+        aspect_range=(0.7, 1.4),
+    )
     augment = BatchAugment(cfg, seed=3)
     yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
     pattern = ((torch.sin(xx / 5) + torch.cos(yy / 7)) * 60 + 128).round().to(torch.uint8)
@@ -316,6 +333,8 @@ def test_bad_acquisition_settings_are_refused() -> None:
         BatchAugment(dataclasses.replace(STILL, sharpness=1.5))
     with pytest.raises(ValueError, match="blur_sigma"):
         BatchAugment(dataclasses.replace(STILL, blur_sigma=0.0))
+    with pytest.raises(ValueError, match="aspect_range"):
+        BatchAugment(dataclasses.replace(STILL, aspect_range=(0.0, 2.0)))
 
 
 def _recover_mixup(mixed: torch.Tensor, images: torch.Tensor, soft: torch.Tensor) -> tuple[float, list[int]]:

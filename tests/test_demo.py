@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 from cxrkit import demo
 from cxrkit.cli.main import cli
+from cxrkit.config import load_saved_config
+from cxrkit.inference.bundle import Bundle
 
 
 def test_explicit_data_that_does_not_exist_is_named(tmp_path: Path) -> None:
@@ -62,6 +64,11 @@ def test_demo_runs_the_whole_pipeline(tiny_data_root: Path, tmp_path: Path) -> N
         assert (out / name / "thresholds.json").exists()
         assert (out / name / f"{name}.cxr").exists()
     assert (out / "studies" / "pneumonia" / "best_config.yaml").exists()
+    # the pneumonia recipe ships as an ensemble of its run and a second seed's
+    assert (out / "pneumonia-seed1" / "checkpoints" / "best.ckpt").exists()
+    assert load_saved_config(out / "pneumonia-seed1" / "config.yaml").seed == 1
+    assert Bundle.load(out / "pneumonia" / "pneumonia.cxr").network_config().ensemble_size == 2
+    assert Bundle.load(out / "nih" / "nih.cxr").network_config().ensemble_size == 1
     # the closing summary: one row per stage (key figure, output), then the serve commands, last
     header = re.search(r"^dataset +stage +key figure +output$", result.stdout, re.MULTILINE)
     assert header, result.stdout
@@ -69,6 +76,8 @@ def test_demo_runs_the_whole_pipeline(tiny_data_root: Path, tmp_path: Path) -> N
     for stage in ("prepare", "describe", "train", "evaluate", "explain", "export", "search"):
         assert re.search(rf"^(nih|pneumonia) +{stage} ", table, re.MULTILINE), stage
     assert "test AUROC" in table and "best val/auroc_mean" in table
+    assert re.search(r"^pneumonia +train seed 1 +best val/auroc_mean", table, re.MULTILINE)
+    assert re.search(r"^pneumonia +export +1 label\(s\), ensemble of 2 runs", table, re.MULTILINE)
     serve_lines = [line for line in table.splitlines() if line.startswith("serve the model with")]
     assert serve_lines == [
         f"serve the model with: cxr serve {out / name / f'{name}.cxr'}" for name in ("nih", "pneumonia")

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from omegaconf import OmegaConf
 
+from cxrkit.cli.main import cli
 from cxrkit.config import load_config, to_container
 from cxrkit.data.transforms import PreprocessSpec
 from cxrkit.inference.bundle import Bundle, BundleError
@@ -35,6 +37,21 @@ def members(count: int = 2) -> list[torch.nn.Module]:
     return networks
 
 
+def ensemble_bundle(networks: list[torch.nn.Module]) -> Bundle:
+    return Bundle(
+        "tiny-ensemble",
+        "1",
+        LABELS,
+        dict.fromkeys(LABELS, 0.5),
+        "test",
+        "sigmoid",
+        PreprocessSpec(80, "letterbox", 64),
+        to_container(tiny_config(len(networks))),
+        {},
+        member_weights([network.state_dict() for network in networks]),
+    )
+
+
 def test_the_ensemble_averages_the_members_logits() -> None:
     networks = members(3)
     images = torch.rand(4, 1, 48, 48)
@@ -45,6 +62,18 @@ def test_the_ensemble_averages_the_members_logits() -> None:
     assert not torch.allclose(out, networks[0](images))
     with pytest.raises(ValueError, match="at least one member"):
         EnsembleModel([])
+
+
+def test_the_ensembles_features_are_its_members_side_by_side() -> None:
+    networks = members(2)
+    ensemble = EnsembleModel(networks)
+    images = torch.rand(3, 1, 48, 48)
+    with torch.inference_mode():
+        logits, features = ensemble.forward_with_features(images)
+        torch.testing.assert_close(logits, ensemble(images))
+        expected = torch.cat([network.pooled_features(images) for network in networks], dim=1)
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(ensemble.pooled_features(images), expected)
 
 
 def test_create_model_builds_an_ensemble_that_loads_the_members_weights() -> None:
@@ -64,19 +93,7 @@ def test_an_ensemble_bundle_round_trips_with_one_onnx_graph(tmp_path: Path) -> N
     from cxrkit.inference.predictor import Predictor
 
     networks = members(2)
-    config = tiny_config(2)
-    bundle = Bundle(
-        "tiny-ensemble",
-        "1",
-        LABELS,
-        dict.fromkeys(LABELS, 0.5),
-        "test",
-        "sigmoid",
-        PreprocessSpec(80, "letterbox", 64),
-        to_container(config),
-        {},
-        member_weights([network.state_dict() for network in networks]),
-    )
+    bundle = ensemble_bundle(networks)
     add_onnx(bundle)  # checks the graph against PyTorch
     assert bundle.onnx_parity is not None and bundle.onnx_parity < 1e-4
     bundle.save(tmp_path / "ensemble.cxr")
@@ -90,6 +107,21 @@ def test_an_ensemble_bundle_round_trips_with_one_onnx_graph(tmp_path: Path) -> N
         logits = torch.stack([network(batch) for network in networks]).mean(dim=0)
     expected = torch.sigmoid(logits)[0].numpy()
     assert [onnx_scores[label] for label in LABELS] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_site_temperature_folds_into_every_members_output_layer() -> None:
+    from cxrkit.evaluation.calibration import TemperatureScaler
+    from cxrkit.inference.calibrate import _fold_temperature
+
+    networks = members(2)
+    bundle = ensemble_bundle(networks)
+    images = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        before = bundle.build_model().eval()(images)
+    _fold_temperature(bundle, TemperatureScaler(np.array([2.0, 4.0]), LABELS))
+    with torch.inference_mode():
+        after = bundle.build_model().eval()(images)
+    torch.testing.assert_close(after, before / torch.tensor([2.0, 4.0]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -122,5 +154,18 @@ def test_ensemble_runs_exports_runs_of_one_recipe(tiny_data_root: Path, tmp_path
     assert bundle.model_config["ensemble_size"] == 2 and len(bundle.provenance["members"]) == 2
     assert "validation" in bundle.threshold_source.lower() or "youden" in bundle.threshold_source.lower()
     assert Bundle.load(tmp_path / "ensemble.cxr").build_model().members[1] is not None
+    assert bundle.ood is not None and bundle.ood.bank.shape[1] == 2 * 512  # both members' features
+
+    # the command line: several runs make one ensemble bundle with one graph and the detector
+    out = tmp_path / "cli.cxr"
+    result = CliRunner().invoke(cli, ["export", *map(str, runs), "--out", str(out), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    exported = Bundle.load(out)
+    assert exported.model_config["ensemble_size"] == 2 and exported.onnx and exported.ood is not None
+    assert exported.thresholds == bundle.thresholds
+    refused = CliRunner().invoke(
+        cli, ["export", *map(str, runs), "--out", str(out), "--thresholds", str(runs[0] / "labels.json")]
+    )
+    assert refused.exit_code == 2 and "--thresholds applies to one run" in refused.output
     with pytest.raises(BundleError, match="architecture"):
         ensemble_runs([runs[0], run("other", 0, arch="resnet10t")])

@@ -247,7 +247,7 @@ def test_demo_site_stage_shows_internal_vs_external(site):
     run = site["run"]
     export_run(run, run / "tiny.cxr")
     result = DemoResult()
-    run_site("tiny", run, site["root"] / "site" / "test", result)
+    run_site("tiny", run / "tiny.cxr", site["root"] / "site" / "test", result)
     assert [step.stage for step in result.steps] == ["external", "calibrate"]
     assert result.steps[0].figure.startswith("AUROC internal ") and " vs external " in result.steps[0].figure
     assert (

@@ -142,3 +142,26 @@ def test_losses_accept_half_precision_logits():
     logits, targets = _batch(5)
     loss = build_loss(_loss_cfg(name="bce"))(logits.detach().bfloat16(), targets)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("name", ["bce", "focal"])
+def test_label_smoothing_pulls_binary_targets_to_one_half_and_keeps_unknowns_unknown(name):
+    logits, targets = _batch(3)
+    targets[0, 0] = NAN
+    smoothed = build_loss(_loss_cfg(name=name, label_smoothing=0.2))(logits, targets)
+    expected = build_loss(_loss_cfg(name=name))(logits, targets * 0.8 + 0.1)
+    assert torch.isfinite(smoothed) and torch.allclose(smoothed, expected)
+    assert not torch.allclose(smoothed, build_loss(_loss_cfg(name=name))(logits, targets))
+
+
+def test_label_smoothing_of_cross_entropy_equals_torch():
+    logits = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    indices = torch.tensor([0, 2, 1, 1, 0, 2])
+    ours = build_loss(_loss_cfg(name="ce", label_smoothing=0.1))(logits, indices)
+    assert torch.allclose(ours, F.cross_entropy(logits, indices, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("epsilon", [-0.1, 1.0])
+def test_label_smoothing_out_of_range_is_refused_by_name(epsilon):
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss(_loss_cfg(name="bce", label_smoothing=epsilon))

@@ -31,11 +31,13 @@ class NoDataError(RuntimeError):
 
 @dataclass
 class DemoDataset:
-    """One dataset the demo runs on: a recipe and the overrides pointing it at the data."""
+    """One dataset the demo runs on: a recipe, the overrides pointing it at the data, and the seeds of more
+    runs trained beside the recipe's own (with them, the runs are exported as one ensemble bundle)."""
 
     name: str
     recipe: str
     overrides: list[str]
+    extra_seeds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -100,7 +102,12 @@ def datasets_in(root: Path) -> list[DemoDataset]:
     pneumonia = root / "pneumonia" / "train"
     if pneumonia.is_dir():
         found.append(
-            DemoDataset("pneumonia", "pneumonia_lite0_offline.yaml", [f"data.sources.0.root={pneumonia}"])
+            DemoDataset(
+                "pneumonia",
+                "pneumonia_lite0_offline.yaml",
+                [f"data.sources.0.root={pneumonia}"],
+                PNEUMONIA_EXTRA_SEEDS,
+            )
         )
     if not found and _is_huggingface_dataset(root):
         found.append(
@@ -108,6 +115,7 @@ def datasets_in(root: Path) -> list[DemoDataset]:
                 "pneumonia",
                 "pneumonia_lite0_offline.yaml",
                 ["data.sources.0.adapter=huggingface", f"data.sources.0.root={root}"],
+                PNEUMONIA_EXTRA_SEEDS,
             )
         )
     if not found:
@@ -131,6 +139,9 @@ def demo_config(dataset: DemoDataset, out: Path, extra: list[str]) -> DictConfig
     return load_config(CONFIG_DIR / dataset.recipe, overrides)
 
 
+#: The pneumonia recipe (seed 0) ships as an ensemble with a second seed: what holds at a new site (README,
+#: "Validating at a new site").
+PNEUMONIA_EXTRA_SEEDS = (1,)
 QUICK_OVERRIDES = ["train.limit_train_batches=0.2"]
 SEARCH_SPACE = CONFIG_DIR / "spaces" / "seed_space.yaml"
 #: A small real search: few trials, each on a slice of every epoch (the full study is `cxr tune`).
@@ -145,32 +156,43 @@ def run_demo(data: str | None, out: Path, extra: list[str], quick: bool = False)
     log.info("data: %s", root.resolve())
     result = DemoResult()
     for dataset in datasets_in(root):
-        config = demo_config(dataset, out, [*(QUICK_OVERRIDES if quick else []), *extra])
-        run_pipeline(dataset.name, config, result)
+        overrides = [*(QUICK_OVERRIDES if quick else []), *extra]
+        config = demo_config(dataset, out, overrides)
+        members = [
+            demo_config(dataset, out, [*overrides, *member_overrides(seed, out, dataset)])
+            for seed in dataset.extra_seeds
+        ]
+        bundle = run_pipeline(dataset.name, config, result, members)
         if dataset.name == "pneumonia" and (root / "pneumonia" / "test").is_dir():
-            run_site(dataset.name, Path(config.output_dir), root / "pneumonia" / "test", result)
+            run_site(dataset.name, bundle, root / "pneumonia" / "test", result)
         if dataset.name == "pneumonia":
             search = demo_config(dataset, out, [*extra, *SEARCH_OVERRIDES])
             run_search(search, out / "studies" / "pneumonia", result)
     return result
 
 
-def run_site(name: str, run_dir: Path, site: Path, result: DemoResult) -> None:
-    """A new site (``pneumonia/test``): external evaluation of the run, then calibration of its bundle."""
+def member_overrides(seed: int, out: Path, dataset: DemoDataset) -> list[str]:
+    """The overrides of an ensemble member: its seed and its own run folder beside the first run's."""
+    return [f"seed={seed}", f"output_dir={out / f'{dataset.name}-seed{seed}'}"]
+
+
+def run_site(name: str, bundle: Path, site: Path, result: DemoResult) -> None:
+    """A new site (``pneumonia/test``): external evaluation of the exported bundle (beside its internal
+    test split), then calibration of the bundle."""
     from cxrkit.evaluation.external import evaluate_external
     from cxrkit.evaluation.metrics import MACRO
     from cxrkit.inference.calibrate import calibrate_bundle
 
     log.info("[%s] external evaluation on %s (a new site)", name, site)
-    ext = evaluate_external(run_dir, site)
+    ext = evaluate_external(bundle, site)
     outside = ext.external.table.loc[MACRO]
     inside = f"internal {ext.internal.table.loc[MACRO, 'auroc']:.3f} vs " if ext.internal else ""
     figure = f"AUROC {inside}external {outside['auroc']:.3f}; sens/spec {outside['sensitivity']:.3f}/"
     figure += f"{outside['specificity']:.3f}"
     result.steps.append(DemoStep(name, "external", figure, ext.paths["html"]))
     log.info("[%s] site calibration on %s", name, site)
-    calibrated = calibrate_bundle(run_dir / f"{name}.cxr", site)
-    path = calibrated.bundle.save(run_dir / f"{name}-site.cxr")
+    calibrated = calibrate_bundle(bundle, site)
+    path = calibrated.bundle.save(bundle.with_name(f"{name}-site.cxr"))
     row = calibrated.table.iloc[0]
     figure = f"site thresholds: sens/spec {row['sensitivity']:.3f}/{row['specificity']:.3f} (in-sample)"
     result.steps.append(DemoStep(name, "calibrate", figure, path))
@@ -191,8 +213,12 @@ def run_search(config: DictConfig, study_dir: Path, result: DemoResult) -> None:
         result.steps.append(DemoStep("pneumonia", "best config", "cxr train -c it", study.best_config))
 
 
-def run_pipeline(name: str, config: DictConfig, result: DemoResult) -> None:
-    """One dataset through the whole pipeline, each stage adding a row to ``result``."""
+def run_pipeline(
+    name: str, config: DictConfig, result: DemoResult, members: list[DictConfig] | None = None
+) -> Path:
+    """One dataset through the whole pipeline, each stage adding a row to ``result``; returns the bundle.
+    ``members``: configs of more runs (other seeds) trained after ``config``'s and exported with it as one
+    ensemble bundle; evaluation and Grad-CAM are of ``config``'s run."""
     from cxrkit.cli.data import prepare
     from cxrkit.data.cache import Cache
     from cxrkit.data.describe import describe_cache
@@ -200,6 +226,7 @@ def run_pipeline(name: str, config: DictConfig, result: DemoResult) -> None:
     from cxrkit.evaluation.run import run_evaluation
     from cxrkit.explain.run import run_explanation
     from cxrkit.inference.export import export_run
+    from cxrkit.models.ensemble import ensemble_runs
 
     def step(stage: str, figure: str, path: Path) -> None:
         result.steps.append(DemoStep(name, stage, figure, Path(path)))
@@ -222,11 +249,28 @@ def run_pipeline(name: str, config: DictConfig, result: DemoResult) -> None:
     log.info("[%s] Grad-CAM heatmaps", name)
     explanation = run_explanation(run_dir, split="test", limit=8)
     step("explain", f"{len(explanation.gallery.records)} heatmaps", explanation.report)
+    member_dirs = []
+    for member in members or []:
+        member_dirs.append(train_or_resume(member, f"{name}, seed {member.seed}"))
+        step(
+            f"train seed {member.seed}",
+            _best_validation(member_dirs[-1], str(member.train.monitor)),
+            member_dirs[-1],
+        )
     bundle_path = Path(config.output_dir) / f"{name}.cxr"
-    log.info("[%s] exporting the model bundle (with ONNX)", name)
-    bundle = export_run(run_dir, bundle_path, onnx=True)
-    step("export", f"{bundle.num_classes} label(s), thresholds: {bundle.threshold_source}", bundle_path)
+    if member_dirs:
+        log.info(
+            "[%s] exporting the ensemble of %d runs as one bundle (with ONNX)", name, 1 + len(member_dirs)
+        )
+        bundle = ensemble_runs([run_dir, *member_dirs], bundle_path, onnx=True)
+        kind = f"ensemble of {1 + len(member_dirs)} runs, "
+    else:
+        log.info("[%s] exporting the model bundle (with ONNX)", name)
+        bundle = export_run(run_dir, bundle_path, onnx=True)
+        kind = ""
+    step("export", f"{bundle.num_classes} label(s), {kind}thresholds: {bundle.threshold_source}", bundle_path)
     result.bundles.append(bundle_path)
+    return bundle_path
 
 
 def _split_sizes(manifest) -> str:

@@ -12,7 +12,9 @@ from cxrkit.files import write_atomic
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
 @out_option("Bundle to write: a zip when it ends in .cxr or .zip, else a folder.", required=True)
 @click.option(
     "--format",
@@ -52,7 +54,7 @@ from cxrkit.files import write_atomic
 @click.option("--model-id", default=None, help="Model id (default: the run name).")
 @click.option("--model-version", default=None, help="Model version (default: date and weights digest).")
 def export(
-    run_dir: Path,
+    run_dirs: tuple[Path, ...],
     out: Path,
     fmt: str,
     checkpoint: str,
@@ -65,23 +67,29 @@ def export(
     model_id: str | None,
     model_version: str | None,
 ) -> None:
-    """Bundle RUN_DIR (a `cxr train` output) for inference: weights, labels, thresholds, preprocessing."""
-    from cxrkit.inference.export import export_run
+    """Bundle RUN_DIR (a `cxr train` output) for inference: weights, labels, thresholds, preprocessing.
 
-    bundle = export_run(
-        run_dir,
-        out,
-        checkpoint=checkpoint,
-        thresholds_path=thresholds_path,
-        threshold_method=threshold_method,
-        onnx=fmt == "onnx" or quantize,
-        quantize=quantize,
-        max_auroc_drop=max_auroc_drop,
-        opset=opset,
-        model_id=model_id,
-        version=model_version,
-        ood=not skip_ood,
-    )
+    Several RUN_DIRs (seeds of one recipe) make one ensemble bundle and one graph averaging their logits,
+    with thresholds chosen on the ensemble's validation scores."""
+    from cxrkit.inference.export import export_run
+    from cxrkit.models.ensemble import ensemble_runs
+
+    common = {
+        "checkpoint": checkpoint,
+        "threshold_method": threshold_method,
+        "onnx": fmt == "onnx" or quantize,
+        "quantize": quantize,
+        "max_auroc_drop": max_auroc_drop,
+        "model_id": model_id,
+        "version": model_version,
+        "ood": not skip_ood,
+    }
+    if len(run_dirs) == 1:
+        bundle = export_run(run_dirs[0], out, thresholds_path=thresholds_path, opset=opset, **common)
+    elif thresholds_path is not None:
+        raise click.UsageError("--thresholds applies to one run; an ensemble's are fitted on its validation")
+    else:
+        bundle = ensemble_runs(run_dirs, out, opset=opset, **common)
     click.echo(
         f"wrote {out}: {bundle.model_id} v{bundle.version}, {bundle.num_classes} labels, "
         f"thresholds: {bundle.threshold_source}"

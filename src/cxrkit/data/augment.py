@@ -18,6 +18,9 @@ Geometry conventions (normalised coordinates, x right, y down, image spanning [-
 * rotation: a positive angle turns the content counter-clockwise as displayed (torchvision's convention);
 * translation: a fraction of the image side, in each axis;
 * scale > 1 enlarges the content (zooms in);
+* aspect ``a`` (``aspect_range``, log-uniform, off by default) stretches the film along its own axes, by
+  ``sqrt(a)`` in width and ``1 / sqrt(a)`` in height (area kept): films resized to a square from their
+  original aspect ratio, as many public copies are, differ exactly so;
 * random-resized crop: a square window covering ``area`` of the (transformed) image, centred uniformly
   where it stays inside, resized to ``crop_size``.
 """
@@ -54,6 +57,7 @@ class AugmentParams:
     gamma: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
     noise_seed: int = 0
+    aspect: torch.Tensor | None = None
 
 
 class BatchAugment(nn.Module):
@@ -69,6 +73,7 @@ class BatchAugment(nn.Module):
         self.rotation_degrees = abs(float(cfg.rotation_degrees))
         self.translate_fraction = _fraction(cfg.translate_fraction, "translate_fraction")
         self.scale_range = _range(cfg.scale_range, "scale_range", minimum=1e-3)
+        self.aspect_range = _range(cfg.aspect_range, "aspect_range", minimum=0.1, maximum=10.0)
         self.crop_area_range = _range(cfg.crop_area_range, "crop_area_range", minimum=1e-3, maximum=1.0)
         self.brightness = _fraction(cfg.brightness, "brightness")
         self.contrast = _fraction(cfg.contrast, "contrast")
@@ -110,14 +115,15 @@ class BatchAugment(nn.Module):
             brightness=uniform(1.0 - self.brightness, 1.0 + self.brightness),
             contrast=uniform(1.0 - self.contrast, 1.0 + self.contrast),
         )
-        # acquisition jitter is drawn only when enabled, so configs without it keep their random streams
+        # aspect and acquisition jitter are drawn only when enabled: configs without them keep their streams
+        if self.aspect_range != (1.0, 1.0):
+            params.aspect = _log_uniform(uniform, self.aspect_range)
         if self.downscale_range != (1.0, 1.0):
             params.downscale = uniform(*self.downscale_range)
         if self.sharpness > 0:
             params.sharpen = uniform(-self.sharpness, self.sharpness)
         if self.gamma_range != (1.0, 1.0):
-            low, high = (math.log(value) for value in self.gamma_range)
-            params.gamma = uniform(low, high).exp()
+            params.gamma = _log_uniform(uniform, self.gamma_range)
         if self.noise_std > 0:
             params.noise_std = uniform(0.0, self.noise_std)
             params.noise_seed = int(torch.randint(2**62, (1,), generator=gen))
@@ -245,8 +251,9 @@ def add_noise(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
 def affine_matrices(params: AugmentParams) -> torch.Tensor:
     """The B x 2 x 3 matrices mapping output to input normalised coordinates (as ``F.affine_grid`` takes).
 
-    The content is flipped, rotated, scaled and translated, then the crop window is read: an output point
-    ``u`` reads the input at ``R(-angle) (c + side * flip(u) - t) / scale``.
+    The content is stretched (``aspect``), flipped, rotated, scaled and translated, then the crop window is
+    read: an output point ``u`` reads the input at ``D^-1 R(-angle) (c + side * flip(u) - t) / scale`` with
+    ``D = diag(sqrt(aspect), 1 / sqrt(aspect))``.
     """
     radians = params.angle_degrees.double() * (math.pi / 180.0)
     cos, sin = radians.cos(), radians.sin()
@@ -259,6 +266,10 @@ def affine_matrices(params: AugmentParams) -> torch.Tensor:
     linear = inverse_rotation * mirror.unsqueeze(1) * factor
     origin = (params.crop_centre.double() - params.translate.double()) / params.scale.double().unsqueeze(1)
     offset = torch.einsum("bij,bj->bi", inverse_rotation, origin)
+    if params.aspect is not None:  # D^-1 scales the rows
+        root = params.aspect.double().sqrt()
+        unstretch = torch.stack([1.0 / root, root], dim=1)
+        linear, offset = linear * unstretch.unsqueeze(2), offset * unstretch
     return torch.cat([linear, offset.unsqueeze(2)], dim=2).float()
 
 
@@ -365,6 +376,11 @@ def _check_batch(images: torch.Tensor, *, allow_uint8: bool = False) -> None:
         raise ValueError(f"expected a batch of square images [B, C, S, S], got shape {tuple(images.shape)}")
     if not (images.is_floating_point() or (allow_uint8 and images.dtype == torch.uint8)):
         raise TypeError(f"expected float images in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
+
+
+def _log_uniform(uniform, bounds: tuple[float, float]) -> torch.Tensor:
+    low, high = (math.log(value) for value in bounds)
+    return uniform(low, high).exp()
 
 
 def _range(values, name: str, *, minimum: float, maximum: float = math.inf) -> tuple[float, float]:

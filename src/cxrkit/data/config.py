@@ -69,6 +69,7 @@ class AugmentConfig:
     rotation_degrees: float = 10.0
     translate_fraction: float = 0.05
     scale_range: tuple[float, float] = (0.9, 1.1)
+    aspect_range: tuple[float, float] = (1.0, 1.0)  # width:height stretch of the film, log-uniform
     crop_area_range: tuple[float, float] = (0.7, 1.0)
     brightness: float = 0.2
     contrast: float = 0.2

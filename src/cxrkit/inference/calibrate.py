@@ -270,18 +270,20 @@ def _new_bundle(bundle: Bundle, site: str, version: str | None) -> Bundle:
 
 
 def _fold_temperature(bundle: Bundle, scaler: TemperatureScaler) -> None:
-    """Divide the output layer's weights and bias by T (per output for per-label T); check the logits."""
+    """Divide the output layer's weights and bias by T (per output for per-label T; every member's, for an
+    ensemble, whose mean logit then divides by T too); check the logits."""
     from cxrkit.inference.export import add_onnx
 
     model = bundle.build_model()
-    layer = _output_layer(model, bundle.num_classes)
+    layers = [_output_layer(network, bundle.num_classes) for network in getattr(model, "members", [model])]
     temperature = torch.as_tensor(np.broadcast_to(scaler.temperature, (bundle.num_classes,)).copy())
     probe = torch.rand(2, 1, bundle.preprocess.crop_size, bundle.preprocess.crop_size)
     with torch.no_grad():
         before = model(probe).double()
-        layer.weight.div_(temperature.to(layer.weight.dtype)[:, None])
-        if layer.bias is not None:
-            layer.bias.div_(temperature.to(layer.bias.dtype))
+        for layer in layers:
+            layer.weight.div_(temperature.to(layer.weight.dtype)[:, None])
+            if layer.bias is not None:
+                layer.bias.div_(temperature.to(layer.bias.dtype))
         after = model(probe).double()
     if not torch.allclose(after, before / temperature, rtol=1e-3, atol=1e-4):
         raise BundleError("the temperature could not be folded into this network's output layer")

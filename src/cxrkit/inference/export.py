@@ -117,8 +117,43 @@ def export_run(
     if thresholds is None or quantize or ood:
         validation = _load_validation(config, labels, run_dir)
     if thresholds is None:
-        thresholds, source = _validation_thresholds(bundle, model, validation, threshold_method)
+        thresholds, source = validation_thresholds(bundle, model, validation, threshold_method)
     bundle.thresholds, bundle.threshold_source = thresholds, source
+    add_graphs(
+        bundle,
+        model,
+        validation,
+        onnx=onnx,
+        quantize=quantize,
+        threshold_method=threshold_method,
+        max_auroc_drop=max_auroc_drop,
+        opset=opset,
+        parity_tolerance=parity_tolerance,
+        ood=ood,
+        ood_quantile=ood_quantile,
+    )
+    if out is not None:
+        bundle.save(out)
+    return bundle
+
+
+def add_graphs(
+    bundle: Bundle,
+    model: nn.Module,
+    validation: ValidationData | None,
+    *,
+    onnx: bool,
+    quantize: bool,
+    threshold_method: str = "youden",
+    max_auroc_drop: float | None = None,
+    opset: int = MIN_OPSET,
+    parity_tolerance: float = 1e-4,
+    ood: bool = True,
+    ood_quantile: float = DEFAULT_QUANTILE,
+) -> None:
+    """What a bundle of ``model`` adds to its weights and thresholds: the ONNX graph (``onnx`` or
+    ``quantize``), the int8 graph (``quantize``: :func:`add_int8`) and the out-of-distribution detector
+    (``ood``: :func:`add_ood`), from the run's ``validation`` data."""
     if onnx or quantize:
         add_onnx(bundle, model, opset, parity_tolerance, validation.images[:8] if validation else None)
     if quantize:
@@ -127,9 +162,6 @@ def export_run(
         add_int8(bundle, validation, threshold_method, max_auroc_drop)
     if ood:
         add_ood(bundle, model, validation, ood_quantile)
-    if out is not None:
-        bundle.save(out)
-    return bundle
 
 
 @dataclass
@@ -242,20 +274,19 @@ def _given_thresholds(
     return {label: values[label] for label in labels}, source
 
 
-def validation_thresholds(
-    bundle: Bundle, model: nn.Module, run_dir: str | Path, method: str = "youden"
-) -> tuple[dict[str, float], str]:
-    """Thresholds of ``model`` (the bundle's network) fitted with ``method`` on the validation split stored
-    by the run ``run_dir``, and their description (e.g. for an ensemble of that run and others)."""
+def run_validation(run_dir: str | Path, labels: list[str]) -> ValidationData | None:
+    """The validation split (and training images) stored by the run ``run_dir`` (see :func:`export_run`);
+    None, with a warning, when its data cannot be read."""
     from cxrkit.training.run import load_run_config
 
-    validation = _load_validation(load_run_config(run_dir), bundle.labels, Path(run_dir))
-    return _validation_thresholds(bundle, model, validation, method)
+    return _load_validation(load_run_config(run_dir), labels, Path(run_dir))
 
 
-def _validation_thresholds(
-    bundle: Bundle, model: nn.Module, validation: ValidationData | None, method: str
+def validation_thresholds(
+    bundle: Bundle, model: nn.Module, validation: ValidationData | None, method: str = "youden"
 ) -> tuple[dict[str, float], str]:
+    """Thresholds of ``model`` (the bundle's network) fitted with ``method`` on ``validation``, and their
+    description; 0.5 with a loud warning when there is no validation data."""
     from cxrkit.evaluation.metrics import Predictions
     from cxrkit.evaluation.thresholds import OperatingPoints
 
@@ -342,7 +373,7 @@ def add_ood(
     """Fit the bundle's out-of-distribution detector (:class:`~cxrkit.inference.ood.OODDetector`) on the
     pooled features of ``data.ood_fit`` (training images) with its threshold at ``quantile`` of the scores of
     (up to :data:`OOD_CALIBRATION_IMAGES`) validation images; without such data, or for a network without
-    pooled features (an ensemble), the bundle gets none and a warning says so."""
+    pooled features, the bundle gets none and a warning says so."""
     if data is None or data.ood_fit is None or len(data.ood_fit) < 2:
         log.warning("no out-of-distribution detector: the run's training/validation images cannot be read")
         return

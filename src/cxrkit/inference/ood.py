@@ -184,8 +184,8 @@ def pooled_features(model: nn.Module, images: torch.Tensor | np.ndarray, batch_s
 
 
 def has_features(model: nn.Module) -> bool:
-    """Whether ``model`` gives its pooled features with its logits (``forward_with_features``: a single
-    :class:`~cxrkit.models.factory.CXRModel`, not an ensemble)."""
+    """Whether ``model`` gives its pooled features with its logits (``forward_with_features``: a
+    :class:`~cxrkit.models.factory.CXRModel` or an :class:`~cxrkit.models.ensemble.EnsembleModel` of them)."""
     return callable(getattr(model, "forward_with_features", None))
 
 

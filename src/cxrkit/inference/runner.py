@@ -169,8 +169,8 @@ class Runner:
     def forward_with_features(self, batch: Tensor) -> tuple[Tensor, np.ndarray | None]:
         """Logits ``[B, L]`` (float64, on the CPU) and pooled backbone features ``[B, C]`` (float64) of a
         model-input batch from ONE forward pass (PyTorch: the model's ``forward_with_features``; ONNX: the
-        graph's ``features`` output). Features are None when the network does not expose them (an
-        ensemble, or a graph exported without that output)."""
+        graph's ``features`` output). Features are None when the network does not expose them (a
+        graph exported without that output)."""
         if self.session is not None:
             from cxrkit.inference.onnx_export import has_features_output, run_session, run_session_features
 

@@ -3,7 +3,8 @@
 :class:`EnsembleModel` runs every member on the batch and returns the mean of their logits (for sigmoid
 outputs: the pooled log-odds, i.e. the geometric mean of the members' odds; for softmax: the normalised
 geometric mean of their class probabilities). It is an ordinary ``nn.Module`` with images in and logits out,
-so the bundle, ONNX export, predictor and server treat it like a single network.
+so the bundle, ONNX export, predictor and server treat it like a single network; its pooled features (for
+the out-of-distribution detector) are the members' side by side.
 
 A bundle stores it as the members' ``model`` config with ``ensemble_size: N`` and weights
 ``members.<i>.<name>``; :func:`cxrkit.models.factory.create_model` builds it back from that config.
@@ -12,6 +13,8 @@ operating thresholds are fitted on the ensemble's own validation scores. Grad-CA
 available for an ensemble.
 
 >>> bundle = ensemble_runs(["runs/pneumonia-s0", "runs/pneumonia-s1"], "ensemble.cxr", onnx=True)
+
+From the command line: ``cxr export runs/pneumonia-s0 runs/pneumonia-s1 --out ensemble.cxr --format onnx``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,17 @@ class EnsembleModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(images) for member in self.members]).mean(dim=0)
 
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The members' pooled backbone features side by side ``[B, sum C]``."""
+        return torch.cat([member.pooled_features(images) for member in self.members], dim=1)
+
+    def forward_with_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean logits and :meth:`pooled_features` from one pass of every member."""
+        logits, features = zip(
+            *(member.forward_with_features(images) for member in self.members), strict=True
+        )
+        return torch.stack(logits).mean(dim=0), torch.cat(features, dim=1)
+
 
 def create_ensemble(cfg, num_classes: int) -> EnsembleModel:
     """``cfg.ensemble_size`` networks of the model config ``cfg`` (each as ``ensemble_size: 1``)."""
@@ -69,6 +83,10 @@ def ensemble_runs(
     checkpoint: str = "best",
     threshold_method: str = "youden",
     onnx: bool = False,
+    quantize: bool = False,
+    max_auroc_drop: float | None = None,
+    opset: int = 17,
+    ood: bool = True,
     model_id: str | None = None,
     version: str | None = None,
 ):
@@ -76,15 +94,23 @@ def ensemble_runs(
 
     The runs must share labels, activation, preprocessing, architecture and data split (seeds may differ).
     Thresholds are chosen on the validation split stored by the first run with ``threshold_method``, from
-    the ensemble's scores.
+    the ensemble's scores; ``onnx``, ``quantize`` and ``ood`` add what they add to a single run's bundle
+    (:func:`cxrkit.inference.export.add_graphs`; the detector scores the members' pooled features side by
+    side).
     """
     from cxrkit.inference.bundle import Bundle, BundleError
-    from cxrkit.inference.export import add_onnx, export_run, validation_thresholds, weights_digest
+    from cxrkit.inference.export import (
+        add_graphs,
+        export_run,
+        run_validation,
+        validation_thresholds,
+        weights_digest,
+    )
     from cxrkit.training.run import load_run_config
 
     if len(runs) < 2:
         raise ValueError(f"an ensemble needs at least two runs, got {len(runs)}")
-    members = [export_run(run, checkpoint=checkpoint, threshold_method="fixed") for run in runs]
+    members = [export_run(run, checkpoint=checkpoint, threshold_method="fixed", ood=False) for run in runs]
     configs = [load_run_config(run) for run in runs]
     first = members[0]
     for run, member, config in zip(runs, members, configs, strict=True):
@@ -107,11 +133,21 @@ def ensemble_runs(
         weights=weights,
     )
     model = bundle.build_model()
+    validation = run_validation(runs[0], bundle.labels)
     bundle.thresholds, bundle.threshold_source = validation_thresholds(
-        bundle, model, runs[0], threshold_method
+        bundle, model, validation, threshold_method
     )
-    if onnx:
-        add_onnx(bundle, model)
+    add_graphs(
+        bundle,
+        model,
+        validation,
+        onnx=onnx,
+        quantize=quantize,
+        threshold_method=threshold_method,
+        max_auroc_drop=max_auroc_drop,
+        opset=opset,
+        ood=ood,
+    )
     if out is not None:
         bundle.save(out)
     return bundle

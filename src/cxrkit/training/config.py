@@ -21,11 +21,13 @@ DEFAULT_MAX_EPOCHS = 10
 
 @dataclass
 class LossConfig:
-    """``bce``, ``weighted_bce`` (weights from training label frequencies), ``focal`` or ``ce``."""
+    """``bce``, ``weighted_bce`` (weights from training label frequencies), ``focal`` or ``ce``.
+    ``label_smoothing``: targets pulled towards uniform by this fraction (0: off; Szegedy et al. 2016)."""
 
     name: LossName = "bce"
     gamma: float = 2.0
     alpha: float | None = None
+    label_smoothing: float = 0.0
 
 
 @dataclass

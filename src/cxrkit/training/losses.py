@@ -22,6 +22,9 @@ over the known ones only; a batch without a single known entry gives a loss of 0
 * ``ce``: softmax cross-entropy for single-label tasks (pediatric pneumonia: NORMAL vs PNEUMONIA). Targets
   are class indices ``[B]`` (negative = unknown) or one-hot / soft rows ``[B, C]`` (rows holding NaN or
   summing to 0 are unknown).
+
+``label_smoothing: ε`` (every loss) trains on targets pulled towards the uniform ones (Szegedy et al. 2016):
+``y (1 - ε) + ε / 2`` per binary label, ``y (1 - ε) + ε / C`` over ``C`` classes; unknown targets stay so.
 """
 
 from __future__ import annotations
@@ -87,18 +90,24 @@ class MaskedFocalLoss(nn.Module):
 class MaskedCrossEntropyLoss(nn.Module):
     """Softmax cross-entropy for single-label tasks; unknown rows are ignored."""
 
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         logits = logits.float()
         if targets.ndim == 1:
             known = targets >= 0
             indices = torch.where(known, targets, torch.zeros_like(targets)).long()
-            losses = F.cross_entropy(logits, indices, reduction="none")
+            losses = F.cross_entropy(logits, indices, reduction="none", label_smoothing=self.label_smoothing)
         else:
             totals = targets.sum(dim=1)
             known = ~torch.isnan(totals) & (totals > 0)
             soft = torch.where(known[:, None], targets, torch.ones_like(targets))
             soft = soft / soft.sum(dim=1, keepdim=True)
-            losses = F.cross_entropy(logits, soft.float(), reduction="none")
+            losses = F.cross_entropy(
+                logits, soft.float(), reduction="none", label_smoothing=self.label_smoothing
+            )
         return masked_mean(losses, known)
 
 
@@ -116,8 +125,30 @@ def class_balance_weights(label_frequencies: Sequence[float] | np.ndarray | Tens
     return 1 - frequencies, frequencies
 
 
+class BinaryLabelSmoothing(nn.Module):
+    """``loss`` on binary targets smoothed by ``epsilon``: ``y (1 - ε) + ε / 2`` (NaN stays unknown)."""
+
+    def __init__(self, loss: nn.Module, epsilon: float) -> None:
+        super().__init__()
+        self.loss, self.epsilon = loss, epsilon
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.loss(logits, targets * (1 - self.epsilon) + self.epsilon / 2)
+
+
 def build_loss(loss_cfg, label_frequencies: Sequence[float] | np.ndarray | Tensor | None = None) -> nn.Module:
-    """The loss named by ``loss_cfg.name``; ``weighted_bce`` needs the positive fraction of each label."""
+    """The loss named by ``loss_cfg.name``, with ``loss_cfg.label_smoothing``; ``weighted_bce`` needs the
+    positive fraction of each label."""
+    epsilon = float(loss_cfg.get("label_smoothing", 0.0))
+    if not 0 <= epsilon < 1:
+        raise ValueError(f"train.loss.label_smoothing must be in [0, 1), got {epsilon}")
+    if loss_cfg.name == "ce":
+        return MaskedCrossEntropyLoss(label_smoothing=epsilon)
+    loss = _base_loss(loss_cfg, label_frequencies)
+    return BinaryLabelSmoothing(loss, epsilon) if epsilon else loss
+
+
+def _base_loss(loss_cfg, label_frequencies) -> nn.Module:
     name = loss_cfg.name
     if name == "bce":
         return MaskedBCEWithLogitsLoss()
@@ -127,6 +158,4 @@ def build_loss(loss_cfg, label_frequencies: Sequence[float] | np.ndarray | Tenso
         return MaskedBCEWithLogitsLoss(*class_balance_weights(label_frequencies))
     if name == "focal":
         return MaskedFocalLoss(gamma=loss_cfg.gamma, alpha=loss_cfg.alpha)
-    if name == "ce":
-        return MaskedCrossEntropyLoss()
     raise ValueError(f"train.loss.name must be one of {list(LOSS_NAMES)}, got {name!r}")
