@@ -150,6 +150,8 @@ def test_ensemble_runs_exports_runs_of_one_recipe(tiny_data_root: Path, tmp_path
         return train(load_config(tmp_path / f"{name}.yaml"))
 
     runs = [run("s0", 0), run("s1", 1)]
+    # a member's own thresholds play no part: the ensemble's are fitted on its validation scores
+    (runs[1] / "thresholds.json").write_text('{"Pneumonia": 7}')
     bundle = ensemble_runs(runs, tmp_path / "ensemble.cxr")
     assert bundle.model_config["ensemble_size"] == 2 and len(bundle.provenance["members"]) == 2
     assert "validation" in bundle.threshold_source.lower() or "youden" in bundle.threshold_source.lower()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from cxrkit.config import load_config
+from cxrkit.config import ConfigError, load_config
 from cxrkit.training.losses import (
     FREQUENCY_EPSILON,
     MaskedBCEWithLogitsLoss,
@@ -163,5 +163,8 @@ def test_label_smoothing_of_cross_entropy_equals_torch():
 
 @pytest.mark.parametrize("epsilon", [-0.1, 1.0])
 def test_label_smoothing_out_of_range_is_refused_by_name(epsilon):
-    with pytest.raises(ValueError, match="label_smoothing"):
-        build_loss(_loss_cfg(name="bce", label_smoothing=epsilon))
+    """Refused when the config is read, before any data is touched."""
+    with pytest.raises(
+        ConfigError, match=rf"train\.loss\.label_smoothing must be in \[0, 1\), got {epsilon}"
+    ):
+        load_config(overrides=[f"train.loss.label_smoothing={epsilon}"])

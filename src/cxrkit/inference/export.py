@@ -89,33 +89,15 @@ def export_run(
     warning when the data cannot be read). ONNX and quantisation need the ``onnx`` extra; a plain bundle
     does not.
     """
-    from cxrkit.training.module import CHECKPOINT_METADATA_KEY, activation_for
-    from cxrkit.training.run import LABELS_FILE, load_run_config
-
     run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
-    labels = json.loads((run_dir / LABELS_FILE).read_text())
-    checkpoint_file = _checkpoint_file(run_dir, checkpoint)
-    state = load_training_checkpoint(checkpoint_file)
-    metadata = state.get(CHECKPOINT_METADATA_KEY, {})
-    weights = network_weights(state)
-    bundle = Bundle(
-        model_id=model_id or str(config.name),
-        version=version or f"{datetime.now(UTC):%Y%m%d}-{weights_digest(weights)[:8]}",
-        labels=labels,
-        thresholds=dict.fromkeys(labels, DEFAULT_THRESHOLD),
-        threshold_source="default",
-        activation=str(metadata.get("activation") or activation_for(config.train.loss.name)),
-        preprocess=PreprocessSpec.from_data_config(config.data),
-        model_config=to_container(config.model),
-        provenance=_provenance(run_dir, config, checkpoint_file, state),
-        weights=weights,
-    )
+    bundle = run_bundle(run_dir, checkpoint=checkpoint, model_id=model_id, version=version)
+    labels = bundle.labels
     model = bundle.build_model()
+    checkpoint_file = _checkpoint_file(run_dir, checkpoint)
     thresholds, source = _given_thresholds(thresholds_path, run_dir, labels, checkpoint_file)
     validation = None
     if thresholds is None or quantize or ood:
-        validation = _load_validation(config, labels, run_dir)
+        validation = run_validation(run_dir, labels)
     if thresholds is None:
         thresholds, source = validation_thresholds(bundle, model, validation, threshold_method)
     bundle.thresholds, bundle.threshold_source = thresholds, source
@@ -135,6 +117,39 @@ def export_run(
     if out is not None:
         bundle.save(out)
     return bundle
+
+
+def run_bundle(
+    run_dir: str | Path,
+    *,
+    checkpoint: str = "best",
+    model_id: str | None = None,
+    version: str | None = None,
+) -> Bundle:
+    """The bundle of a run's ``checkpoint`` network alone (weights, labels, activation, preprocessing,
+    provenance) at the default thresholds: what :func:`export_run` starts from, and an ensemble member."""
+    from cxrkit.training.module import CHECKPOINT_METADATA_KEY, activation_for
+    from cxrkit.training.run import LABELS_FILE, load_run_config
+
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    labels = json.loads((run_dir / LABELS_FILE).read_text())
+    checkpoint_file = _checkpoint_file(run_dir, checkpoint)
+    state = load_training_checkpoint(checkpoint_file)
+    metadata = state.get(CHECKPOINT_METADATA_KEY, {})
+    weights = network_weights(state)
+    return Bundle(
+        model_id=model_id or str(config.name),
+        version=version or f"{datetime.now(UTC):%Y%m%d}-{weights_digest(weights)[:8]}",
+        labels=labels,
+        thresholds=dict.fromkeys(labels, DEFAULT_THRESHOLD),
+        threshold_source="default",
+        activation=str(metadata.get("activation") or activation_for(config.train.loss.name)),
+        preprocess=PreprocessSpec.from_data_config(config.data),
+        model_config=to_container(config.model),
+        provenance=_provenance(run_dir, config, checkpoint_file, state),
+        weights=weights,
+    )
 
 
 def add_graphs(

@@ -101,7 +101,7 @@ def ensemble_runs(
     from cxrkit.inference.bundle import Bundle, BundleError
     from cxrkit.inference.export import (
         add_graphs,
-        export_run,
+        run_bundle,
         run_validation,
         validation_thresholds,
         weights_digest,
@@ -110,7 +110,7 @@ def ensemble_runs(
 
     if len(runs) < 2:
         raise ValueError(f"an ensemble needs at least two runs, got {len(runs)}")
-    members = [export_run(run, checkpoint=checkpoint, threshold_method="fixed", ood=False) for run in runs]
+    members = [run_bundle(run, checkpoint=checkpoint) for run in runs]
     configs = [load_run_config(run) for run in runs]
     first = members[0]
     for run, member, config in zip(runs, members, configs, strict=True):

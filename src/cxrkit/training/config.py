@@ -151,6 +151,8 @@ def check_train(train: Any) -> list[str]:
         problems.append(f"train.loss.gamma must be >= 0, got {train.loss.gamma}")
     if train.loss.alpha is not None and not 0 <= train.loss.alpha <= 1:
         problems.append(f"train.loss.alpha must be in [0, 1] (or null), got {train.loss.alpha}")
+    if not 0 <= train.loss.label_smoothing < 1:
+        problems.append(f"train.loss.label_smoothing must be in [0, 1), got {train.loss.label_smoothing}")
     if not 0 <= train.ema_decay < 1:
         problems.append(f"train.ema_decay must be in [0, 1), got {train.ema_decay}")
     for name in ("accumulate_grad_batches", "num_nodes", "log_every_n_steps"):

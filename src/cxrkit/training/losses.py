@@ -139,9 +139,7 @@ class BinaryLabelSmoothing(nn.Module):
 def build_loss(loss_cfg, label_frequencies: Sequence[float] | np.ndarray | Tensor | None = None) -> nn.Module:
     """The loss named by ``loss_cfg.name``, with ``loss_cfg.label_smoothing``; ``weighted_bce`` needs the
     positive fraction of each label."""
-    epsilon = float(loss_cfg.get("label_smoothing", 0.0))
-    if not 0 <= epsilon < 1:
-        raise ValueError(f"train.loss.label_smoothing must be in [0, 1), got {epsilon}")
+    epsilon = float(loss_cfg.label_smoothing)
     if loss_cfg.name == "ce":
         return MaskedCrossEntropyLoss(label_smoothing=epsilon)
     loss = _base_loss(loss_cfg, label_frequencies)
